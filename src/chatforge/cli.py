@@ -1,0 +1,109 @@
+"""`chatforge <stage>`: one subcommand per stage of the process, plus `demo` which runs them all.
+
+Every subcommand takes --config (a YAML file or preset name), --run-dir and `key.sub=value` overrides.
+User mistakes print one line and exit 2; nothing is overwritten without --force.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+STAGES = {
+    "prepare": "gather, clean, deduplicate and split text (and the chat fine-tuning set)",
+    "tokenizer": "train a byte-level BPE (or char-level) tokenizer on the train split",
+    "encode": "encode the prepared splits into memory-mapped token shards",
+    "pretrain": "train the GPT to predict the next token",
+    "eval": "validation loss, perplexity, bits/byte, accuracy; benchmarks",
+    "finetune": "chat SFT from the pretrained checkpoint (loss on assistant tokens only)",
+    "generate": "sample a continuation of a prompt",
+    "chat": "chat with the model in the terminal",
+    "serve": "OpenAI-compatible API and web chat page",
+    "export": "write a Hugging Face transformers model directory",
+    "embeddings": "nearest tokens in the embedding matrix; 2-D projection plot",
+    "report": "write report.md / report.html for a run",
+    "demo": "run every stage in order on the embedded default corpus",
+}
+
+EPILOG = """config overrides: positional key.sub=value pairs, e.g.  train.steps=200 model.n_layer=2
+presets: tiny (about 1-2 minutes), demo (default, under 10 minutes on a 2-core CPU), shakespeare-char"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file or preset name (default: the run's config.yaml, else 'demo')")
+    p.add_argument("--run-dir", help="run directory (default: runs/<name>)")
+    p.add_argument("--force", action="store_true", help="overwrite this stage's existing outputs")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatforge", description="Raw text to a model you can chat with.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"chatforge {__import__('chatforge').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    subs = {}
+    for name, help_text in STAGES.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common(sp)
+        subs[name] = sp
+    subs["prepare"].add_argument("--input", "-i", nargs="+", action="extend", default=None,
+                                 help="files, folders or globs of text (.txt .md .jsonl .json .csv .parquet, compressed ok)")
+    subs["prepare"].add_argument("--sft-input", nargs="+", action="extend", default=None,
+                                 help="chat JSONL files (messages / ShareGPT / Alpaca / prompt-completion)")
+    subs["prepare"].add_argument("--text-field", help="JSON/CSV/Parquet field holding the text (default: text)")
+    subs["prepare"].add_argument("--lowercase", action="store_true",
+                                 help="lowercase all text (hurts a generative model: it can no longer write capitals)")
+    subs["prepare"].add_argument("--remove-stopwords", action="store_true",
+                                 help="drop English stop words (hurts a generative model: it learns broken sentences)")
+    for name in ("pretrain", "finetune"):
+        subs[name].add_argument("--resume", action="store_true", help="continue from the latest checkpoint, exactly")
+    subs["finetune"].add_argument("--input", "-i", nargs="+", action="extend", default=None,
+                                  help="chat JSONL files to fine-tune on (replaces the run's prepared chat set)")
+    subs["finetune"].add_argument("--init", help="checkpoint dir or HF model dir to start from (default: the run's pretrain best)")
+    subs["finetune"].add_argument("--lora-rank", type=int, default=0, help="train a LoRA adapter of this rank (0 = full fine-tuning)")
+    for name in ("eval", "generate", "chat", "serve", "export", "embeddings"):
+        subs[name].add_argument("--stage", choices=["pretrain", "finetune", "auto"], default="auto",
+                                help="which model of the run (auto: finetune if it exists, else pretrain)")
+        subs[name].add_argument("--checkpoint", default="best", help="best | last | step_N")
+    subs["eval"].add_argument("--file", help="evaluate on this text/JSONL file instead of the run's validation splits")
+    subs["eval"].add_argument("--stride", type=int, default=0, help="sliding-window stride for --file (0 = context length)")
+    subs["eval"].add_argument("--task", nargs="+", default=None, help="benchmark task names or JSONL files (see docs)")
+    subs["eval"].add_argument("--schema", default=None, help="schema of --task files: hellaswag | arc | gsm8k")
+    subs["eval"].add_argument("--max-items", type=int, default=0, help="score at most this many benchmark items")
+    subs["eval"].add_argument("--all-checkpoints", action="store_true", help="a table across every kept checkpoint")
+    subs["generate"].add_argument("--prompt", "-p", required=True, help="text to continue")
+    subs["generate"].add_argument("--chat", action="store_true", help="treat the prompt as a user message")
+    subs["chat"].add_argument("--system", help="system prompt")
+    subs["serve"].add_argument("--host", default="127.0.0.1")
+    subs["serve"].add_argument("--port", type=int, default=8000)
+    subs["serve"].add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    subs["export"].add_argument("--format", default="hf", choices=["hf"])
+    subs["export"].add_argument("--out", "-o", help="output directory (default: RUN_DIR/export/hf)")
+    subs["embeddings"].add_argument("--near", help="word or token to find neighbours of")
+    subs["embeddings"].add_argument("--plot", help="write a 2-D projection of frequent tokens to this PNG")
+    subs["embeddings"].add_argument("-k", type=int, default=10)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from . import stages  # imported late so --help stays fast
+
+    try:
+        return stages.run(args) or 0
+    except UserError as e:
+        print(f"chatforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"chatforge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

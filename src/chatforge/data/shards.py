@@ -1,0 +1,196 @@
+"""Token shards: the encoded corpus as flat binary files a trainer can memory-map.
+
+out_dir/shard_00000.bin       256-byte header, then the tokens (uint16 if the vocab fits, else uint32)
+out_dir/shard_00000.idx.npy   int64 start offset of every document in that shard
+
+Each document is `<|bos|>` + encode(text); documents never straddle shards, so a shard is closed before a
+document would push it past `shard_tokens` (a single document longer than that gets a shard of its own).
+The header records the tokenizer hash and vocab size, so shards from another tokenizer are refused at load
+time instead of silently training on wrong ids.
+"""
+from __future__ import annotations
+
+import itertools
+import struct
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..tokenizer import Tokenizer
+
+MAGIC = b"CFTOKENS"
+VERSION = 1
+HEADER_BYTES = 256
+# magic, version, bytes per token, vocab size, token count, doc count, tokenizer hash (16 hex chars)
+_HEADER = struct.Struct("<8sIIQQQ16s")
+_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+BATCH_BYTES = 4 << 20  # text per encode_batch call: big enough to keep every core busy, small enough for RAM
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (half the disk and memory bandwidth), else uint32."""
+    return _DTYPES[2] if vocab_size <= 65535 else _DTYPES[4]
+
+
+def pack_header(vocab_size: int, tok_hash: str, n_tokens: int, n_docs: int) -> bytes:
+    dtype = token_dtype(vocab_size)
+    raw = _HEADER.pack(MAGIC, VERSION, dtype.itemsize, vocab_size, n_tokens, n_docs, tok_hash.encode("ascii"))
+    return raw.ljust(HEADER_BYTES, b"\0")
+
+
+def read_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    if len(raw) < HEADER_BYTES or raw[:8] != MAGIC:
+        raise UserError(f"{path} is not a chatforge token shard; re-run `chatforge encode --force`")
+    magic, version, itemsize, vocab, n_tok, n_docs, h = _HEADER.unpack_from(raw)
+    if version != VERSION or itemsize not in _DTYPES:
+        raise UserError(f"{path}: shard format version {version} (token width {itemsize}) is not supported by this "
+                        f"chatforge (version {VERSION}); re-run `chatforge encode --force`")
+    return {"version": version, "dtype": str(_DTYPES[itemsize]), "itemsize": itemsize, "vocab_size": vocab,
+            "tokens": n_tok, "docs": n_docs, "tokenizer_hash": h.decode("ascii")}
+
+
+@dataclass
+class Shard:
+    path: Path
+    tokens: np.ndarray  # read-only memmap, 1-D
+    doc_starts: np.ndarray  # int64 offsets into tokens, one per document
+    header: dict
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class _ShardWriter:
+    """Appends documents to shard files, closing one before it would exceed `shard_tokens`."""
+
+    def __init__(self, out_dir: Path, tok: Tokenizer, shard_tokens: int):
+        self.out_dir, self.tok, self.cap = out_dir, tok, shard_tokens
+        self.dtype = token_dtype(tok.vocab_size)
+        self.index = 0
+        self.f = None
+        self.n_tok = 0
+        self.starts: list[int] = []
+
+    def _open(self) -> None:
+        self.path = self.out_dir / f"shard_{self.index:05d}.bin"
+        self.f = open(self.path.with_suffix(".bin.tmp"), "wb")
+        self.f.write(b"\0" * HEADER_BYTES)  # real header written at close, once the counts are known
+        self.n_tok, self.starts = 0, []
+
+    def close(self) -> None:
+        if self.f is None:
+            return
+        self.f.seek(0)
+        self.f.write(pack_header(self.tok.vocab_size, self.tok.hash, self.n_tok, len(self.starts)))
+        self.f.close()
+        np.save(self.out_dir / f"shard_{self.index:05d}.idx.npy", np.asarray(self.starts, dtype=np.int64))
+        self.path.with_suffix(".bin.tmp").replace(self.path)  # a crashed run never leaves a half shard
+        self.f = None
+        self.index += 1
+
+    def add_batch(self, docs: list[list[int]]) -> None:
+        bos = self.tok.bos_id
+        pending: list[list[int]] = []  # documents for the open shard, written in one go
+        for ids in docs:
+            n = len(ids) + 1
+            if self.f is not None and self.n_tok + n > self.cap and self.starts:
+                self._write(pending)
+                pending = []
+                self.close()
+            if self.f is None:
+                self._open()
+            self.starts.append(self.n_tok)
+            self.n_tok += n
+            pending.append([bos])
+            pending.append(ids)
+        self._write(pending)
+
+    def _write(self, parts: list[list[int]]) -> None:
+        if parts:
+            n = sum(len(p) for p in parts)
+            arr = np.fromiter(itertools.chain.from_iterable(parts), dtype=self.dtype, count=n)
+            self.f.write(arr.tobytes())
+
+
+def _batches(texts: Iterable[str], batch_bytes: int) -> Iterator[tuple[list[str], int]]:
+    batch: list[str] = []
+    size = 0
+    for t in texts:
+        batch.append(t)
+        size += len(t)  # chars, a cheap stand-in for bytes when sizing batches
+        if size >= batch_bytes:
+            yield batch, size
+            batch, size = [], 0
+    if batch:
+        yield batch, size
+
+
+def write_shards(tok: Tokenizer, texts: Iterable[str], out_dir: Path, shard_tokens: int = 2**26,
+                 workers: int = 0) -> dict:
+    """Encode documents into token shards. Output bytes do not depend on `workers`.
+
+    workers=1 encodes one document at a time in this thread; any other value uses HF's encode_batch,
+    which spreads each batch across all cores (RAYON_NUM_THREADS caps them) and keeps the order.
+    Stale shard files in out_dir are removed first, so a re-run never mixes old and new shards.
+    """
+    if shard_tokens < 1:
+        raise UserError(f"shard_tokens={shard_tokens} must be positive")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in list(out_dir.glob("shard_*.bin")) + list(out_dir.glob("shard_*.idx.npy")) + list(out_dir.glob("shard_*.bin.tmp")):
+        old.unlink()
+    writer = _ShardWriter(out_dir, tok, shard_tokens)
+    docs = tokens = bytes_in = 0
+    start = time.perf_counter()
+    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"encode {out_dir.name}", disable=not sys.stderr.isatty())
+    for batch, _ in _batches(texts, BATCH_BYTES):
+        ids = [tok.encode(t) for t in batch] if workers == 1 else tok.encode_batch(batch)
+        writer.add_batch(ids)
+        nb = sum(len(t.encode("utf-8", "replace")) for t in batch)
+        bytes_in += nb
+        docs += len(batch)
+        tokens += sum(len(x) for x in ids) + len(batch)
+        bar.update(nb)
+    writer.close()
+    bar.close()
+    secs = time.perf_counter() - start
+    return {"tokens": tokens, "docs": docs, "shards": writer.index, "bytes_in": bytes_in,
+            "seconds": round(secs, 3), "mb_per_s": round(bytes_in / 1e6 / max(secs, 1e-9), 2)}
+
+
+def open_shards(shard_dir: Path, tok_hash: str | None = None, vocab_size: int | None = None) -> list[Shard]:
+    """Memory-map every shard in a directory, refusing shards made by a different tokenizer."""
+    shard_dir = Path(shard_dir)
+    paths = sorted(shard_dir.glob("shard_*.bin")) if shard_dir.is_dir() else []
+    if not paths:
+        raise UserError(f"no token shards in {shard_dir}: run `chatforge encode` first")
+    shards = []
+    for p in paths:
+        h = read_header(p)
+        if (tok_hash is not None and h["tokenizer_hash"] != tok_hash) or (
+                vocab_size is not None and h["vocab_size"] != vocab_size):
+            raise UserError(
+                f"shard {p} was encoded with tokenizer {h['tokenizer_hash']} (vocab {h['vocab_size']}), but the current "
+                f"tokenizer is {tok_hash or '?'} (vocab {vocab_size or '?'}); re-run `chatforge encode --force`")
+        expected = HEADER_BYTES + h["tokens"] * h["itemsize"]
+        if p.stat().st_size != expected:
+            raise UserError(f"{p} is {p.stat().st_size} bytes but its header says {expected}: the file is damaged; "
+                            "re-run `chatforge encode --force`")
+        idx = p.with_name(p.name[:-4] + ".idx.npy")
+        if not idx.is_file():
+            raise UserError(f"{idx} is missing; re-run `chatforge encode --force`")
+        starts = np.load(idx)
+        if len(starts) != h["docs"]:
+            raise UserError(f"{idx} lists {len(starts)} documents but {p} says {h['docs']}; re-run `chatforge encode --force`")
+        tokens = (np.memmap(p, dtype=h["dtype"], mode="r", offset=HEADER_BYTES, shape=(h["tokens"],))
+                  if h["tokens"] else np.zeros(0, dtype=h["dtype"]))
+        shards.append(Shard(path=p, tokens=tokens, doc_starts=starts, header=h))
+    return shards

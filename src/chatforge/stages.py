@@ -1,0 +1,547 @@
+"""The stages as functions of (config, run directory): the CLI's glue, and the demo that chains them.
+
+Each stage reads only what earlier stages left in the run directory, so any stage can be re-run alone.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from argparse import Namespace
+from dataclasses import asdict
+from pathlib import Path
+
+from .config import Config, load_config, save_config
+from .errors import UserError
+from .paths import RunPaths
+
+
+# ---------------------------------------------------------------- setup
+
+def _split_positionals(args: Namespace) -> tuple[list[str], list[str]]:
+    overrides, positionals = [], []
+    for item in getattr(args, "overrides", None) or []:
+        (overrides if "=" in item and not Path(item).exists() else positionals).append(item)
+    return overrides, positionals
+
+
+def resolve(args: Namespace) -> tuple[Config, RunPaths, list[str]]:
+    """Config and run dir from --config / --run-dir / a positional RUN_DIR / the run's saved config.yaml."""
+    overrides, positionals = _split_positionals(args)
+    run_dir = args.run_dir or (positionals.pop(0) if positionals else None)
+    source = args.config
+    if source is None and run_dir and (Path(run_dir) / "config.yaml").is_file():
+        source = str(Path(run_dir) / "config.yaml")
+    cfg = load_config(source or "demo", overrides)
+    paths = RunPaths(Path(run_dir) if run_dir else Path("runs") / cfg.name)
+    return cfg, paths, positionals
+
+
+def _guard(path: Path, force: bool, what: str) -> None:
+    """Refuse to overwrite a user's outputs unless --force."""
+    if path.exists() and any(path.iterdir() if path.is_dir() else [path]):
+        if not force:
+            raise UserError(f"{what} already exists at {path}; pass --force to overwrite it (or choose another --run-dir)")
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _need(path: Path, stage: str) -> None:
+    if not path.exists():
+        raise UserError(f"{path} not found: run `chatforge {stage}` for this run directory first")
+
+
+def _save_cfg(cfg: Config, paths: RunPaths) -> None:
+    paths.root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, paths.config)
+
+
+def _console():
+    from rich.console import Console
+    return Console()
+
+
+# ---------------------------------------------------------------- stages
+
+def prepare(cfg: Config, paths: RunPaths, force: bool = False) -> dict:
+    from .data.prepare import prepare_corpus, prepare_sft
+
+    _guard(paths.data, force, "prepared data")
+    _save_cfg(cfg, paths)
+    t0 = time.time()
+    manifest = prepare_corpus(cfg.data, paths.data)
+    sft = prepare_sft(cfg.sft, paths.data)
+    _print_prepare(manifest, sft, time.time() - t0)
+    return {"corpus": manifest, "sft": sft}
+
+
+def _print_prepare(manifest: dict, sft: dict, seconds: float) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"prepare ({seconds:.1f} s)")
+    for col in ("what", "documents", "bytes"):
+        t.add_column(col, justify="right" if col != "what" else "left")
+    for split in ("train", "val"):
+        s = manifest.get("splits", {}).get(split, {})
+        t.add_row(f"kept: {split}", str(s.get("documents", s.get("docs", ""))), str(s.get("bytes", "")))
+    for reason, d in (manifest.get("drops") or {}).items():
+        if isinstance(d, dict):
+            t.add_row(f"dropped: {reason}", str(d.get("documents", d.get("docs", ""))), str(d.get("bytes", "")))
+        else:
+            t.add_row(f"dropped: {reason}", str(d), "")
+    for split in ("train", "val"):
+        t.add_row(f"chat examples: {split}", str(sft.get("splits", {}).get(split, sft.get(split, ""))), "")
+    _console().print(t)
+
+
+def tokenizer(cfg: Config, paths: RunPaths, force: bool = False):
+    from .data.prepare import iter_documents
+    from .tokenizer import Tokenizer
+
+    _need(paths.data / "manifest.json", "prepare")
+    _guard(paths.tokenizer, force, "a tokenizer")
+    _save_cfg(cfg, paths)
+    t0 = time.time()
+    tok = Tokenizer.train(iter_documents(paths.data, "train"), cfg.tokenizer)
+    tok.save(paths.tokenizer)
+    val = list(iter_documents(paths.data, "val"))
+    n_bytes = sum(len(t.encode("utf-8")) for t in val)
+    n_tok = sum(len(ids) for ids in tok.encode_batch(val)) if val else 0
+    bpt = n_bytes / max(n_tok, 1)
+    print(f"tokenizer: {tok.kind}, vocabulary {tok.vocab_size}, {bpt:.2f} bytes/token on the val split, "
+          f"trained in {time.time() - t0:.1f} s -> {paths.tokenizer}")
+    (paths.tokenizer / "stats.json").write_text(json.dumps(
+        {"kind": tok.kind, "vocab_size": tok.vocab_size, "val_bytes_per_token": bpt, "hash": tok.hash}, indent=2))
+    return tok
+
+
+def encode(cfg: Config, paths: RunPaths, force: bool = False) -> dict:
+    from .data.prepare import iter_documents
+    from .data.shards import write_shards
+    from .tokenizer import Tokenizer
+
+    _need(paths.data / "manifest.json", "prepare")
+    tok = Tokenizer.load(paths.tokenizer)
+    _guard(paths.tokens, force, "token shards")
+    _save_cfg(cfg, paths)
+    stats = {}
+    for split in ("train", "val"):
+        stats[split] = write_shards(tok, iter_documents(paths.data, split), paths.tokens / split,
+                                    workers=cfg.data.workers)
+        print(f"encode {split}: {stats[split]['tokens']:,} tokens in {stats[split]['docs']:,} documents")
+    (paths.tokens / "stats.json").write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+def _model_config(cfg: Config, tok) -> None:
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tok.vocab_size
+    elif cfg.model.vocab_size < tok.vocab_size:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                        f"{tok.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
+
+
+def _val_arrays(paths: RunPaths, tok):
+    from .data.shards import open_shards
+    return [s.tokens for s in open_shards(paths.tokens / "val", tok_hash=tok.hash, vocab_size=tok.vocab_size)]
+
+
+def pretrain(cfg: Config, paths: RunPaths, force: bool = False, resume: bool = False) -> dict:
+    import torch
+
+    from .data.loader import TokenLoader, iter_eval_batches
+    from .distributed import setup, teardown
+    from .model import GPT
+    from .tokenizer import Tokenizer
+    from .train import train
+
+    tok = Tokenizer.load(paths.tokenizer)
+    _need(paths.tokens / "train", "encode")
+    _model_config(cfg, tok)
+    if not resume:
+        _guard(paths.pretrain, force, "a pretraining run")
+    dist = setup(cfg.train.device)
+    if dist.is_main:
+        _save_cfg(cfg, paths)
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model)
+    if dist.is_main:
+        print(f"model: {model.num_params():,} parameters, {model.flops_per_token() / 1e6:.1f} MFLOPs per token "
+              f"(training), context {cfg.model.seq_len}")
+    loader = TokenLoader.from_dir(paths.tokens / "train", cfg.train.batch_size, cfg.model.seq_len,
+                                  rank=dist.rank, world=dist.world, seed=cfg.train.seed,
+                                  tok_hash=tok.hash, vocab_size=tok.vocab_size)
+    val = _val_arrays(paths, tok)
+
+    def val_batches():
+        return iter_eval_batches(val, cfg.eval.batch_size, cfg.model.seq_len, max_batches=cfg.train.eval_batches)
+
+    meta = {"stage": "pretrain", "model": asdict(cfg.model), "tokenizer_hash": tok.hash}
+    summary = train(model, cfg.train, loader, paths.pretrain, val_batches=val_batches, meta=meta,
+                    resume=resume, dist=dist)
+    if dist.is_main:
+        _plot(paths.pretrain)
+    teardown()
+    return summary
+
+
+def _plot(stage_dir: Path) -> None:
+    from .report import plot_loss_curves
+    plot_loss_curves({stage_dir.name: stage_dir / "metrics.jsonl"}, stage_dir / "loss.png",
+                     title=f"{stage_dir.name} loss")
+
+
+def _sft_examples(tok, path: Path, seq_len: int):
+    from .data.chat import render_examples
+    _need(path, "prepare")
+    examples, stats = render_examples(tok, path, seq_len)
+    if not examples:
+        raise UserError(f"no usable chat examples in {path} ({stats}); check the file's format")
+    return examples, stats
+
+
+def finetune(cfg: Config, paths: RunPaths, force: bool = False, resume: bool = False,
+             inputs: list[str] | None = None, init: str | None = None, lora_rank: int = 0) -> dict:
+    import torch
+
+    from .checkpoint import load_model, resolve_checkpoint
+    from .data.loader import SFTLoader, iter_sft_eval_batches
+    from .distributed import setup, teardown
+    from .tokenizer import Tokenizer
+    from .train import train
+
+    if lora_rank:
+        raise UserError("LoRA fine-tuning is not available yet; run without --lora-rank for full fine-tuning")
+    tok = Tokenizer.load(paths.tokenizer)
+    if inputs:
+        from .data.prepare import prepare_sft
+        sft_cfg = cfg.sft
+        sft_cfg.inputs = list(inputs)
+        sft_dir = paths.finetune / "data"
+        if not resume:
+            _guard(paths.finetune, force, "a fine-tuning run")
+        prepare_sft(sft_cfg, sft_dir)
+    else:
+        sft_dir = paths.data
+        if not resume:
+            _guard(paths.finetune, force, "a fine-tuning run")
+    init_dir = Path(init or cfg.finetune.init_from or resolve_checkpoint(paths.pretrain / "ckpt", "best"))
+    if not init_dir.exists():
+        raise UserError(f"checkpoint {init_dir} not found; run `chatforge pretrain` first or pass --init")
+    dist = setup(cfg.finetune.device)
+    model, meta = load_model(init_dir)
+    if meta.get("tokenizer_hash") not in (None, tok.hash):
+        raise UserError(f"checkpoint {init_dir} was trained with another tokenizer ({meta.get('tokenizer_hash')}, "
+                        f"this run's is {tok.hash}); fine-tune with the tokenizer it was trained with")
+    seq_len = model.cfg.seq_len
+    train_ex, train_stats = _sft_examples(tok, sft_dir / "sft_train.jsonl", seq_len)
+    val_ex, _ = _sft_examples(tok, sft_dir / "sft_val.jsonl", seq_len)
+    if dist.is_main:
+        _save_cfg(cfg, paths)
+        print(f"finetune: {train_stats['examples']} chat examples ({train_stats.get('truncated', 0)} truncated, "
+              f"{train_stats.get('dropped', 0)} dropped), from {init_dir}")
+    torch.manual_seed(cfg.finetune.seed)
+    loader = SFTLoader(train_ex, cfg.finetune.batch_size, seq_len, pad_id=tok.pad_id,
+                       rank=dist.rank, world=dist.world, seed=cfg.finetune.seed)
+
+    def val_batches():
+        return iter_sft_eval_batches(val_ex, cfg.eval.batch_size, seq_len, pad_id=tok.pad_id)
+
+    meta = {"stage": "finetune", "model": asdict(model.cfg), "tokenizer_hash": tok.hash, "init_from": str(init_dir)}
+    summary = train(model, cfg.finetune, loader, paths.finetune, val_batches=val_batches, meta=meta,
+                    resume=resume, dist=dist)
+    if dist.is_main:
+        _plot(paths.finetune)
+    teardown()
+    return summary
+
+
+def _stage_dir(paths: RunPaths, stage: str) -> Path:
+    if stage == "auto":
+        stage = "finetune" if (paths.finetune / "ckpt").exists() else "pretrain"
+    d = getattr(paths, stage)
+    _need(d / "ckpt", stage)
+    return d
+
+
+def _load(paths: RunPaths, stage: str, which: str):
+    from .checkpoint import load_model, resolve_checkpoint
+    d = _stage_dir(paths, stage)
+    ckpt = resolve_checkpoint(d / "ckpt", which)
+    model, meta = load_model(ckpt)
+    return model, meta, ckpt
+
+
+def evaluate_splits(model, tok, paths: RunPaths, cfg: Config) -> dict:
+    """Metrics on both validation sets: pretraining text and the chat fine-tuning set."""
+    import numpy as np
+
+    from .data.loader import iter_eval_batches, iter_sft_eval_batches
+    from .evaluate import evaluate_lm
+
+    seq_len = model.cfg.seq_len
+    token_bytes = np.asarray(tok.token_bytes_lengths())
+    out = {}
+    val = _val_arrays(paths, tok)
+    out["text val"] = evaluate_lm(model, iter_eval_batches(val, cfg.eval.batch_size, seq_len,
+                                                           max_batches=cfg.eval.max_batches), token_bytes=token_bytes)
+    sft_val = paths.data / "sft_val.jsonl"
+    if sft_val.exists():
+        ex, _ = _sft_examples(tok, sft_val, seq_len)
+        out["chat val"] = evaluate_lm(model, iter_sft_eval_batches(ex, cfg.eval.batch_size, seq_len, pad_id=tok.pad_id),
+                                      token_bytes=token_bytes)
+    return out
+
+
+METRIC_COLUMNS = ["model", "split", "loss", "ppl", "acc", "top5", "bpb", "tokens"]
+
+
+def _rows(label: str, results: dict) -> list[dict]:
+    return [{"model": label, "split": split, **m} for split, m in results.items()]
+
+
+def evaluate(cfg: Config, paths: RunPaths, stage: str = "auto", which: str = "best", file: str | None = None,
+             stride: int = 0, tasks: list[str] | None = None, schema: str | None = None, max_items: int = 0,
+             all_checkpoints: bool = False) -> list[dict]:
+    from .report import print_table
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.load(paths.tokenizer)
+    d = _stage_dir(paths, stage)
+    if all_checkpoints:
+        whiches = sorted(p.name for p in (d / "ckpt").glob("step_*") if p.is_dir())
+    else:
+        whiches = [which]
+    rows = []
+    for w in whiches:
+        model, meta, ckpt = _load(paths, d.name, w)
+        label = f"{d.name}/{ckpt.name}"
+        if file:
+            rows += _rows(label, {Path(file).name: _eval_file(model, tok, file, stride)})
+        elif not tasks:
+            rows += _rows(label, evaluate_splits(model, tok, paths, cfg))
+        if tasks:
+            rows += _benchmarks(model, tok, tasks, schema, max_items, label)
+    cols = METRIC_COLUMNS if not tasks else sorted({k for r in rows for k in r}, key=lambda k: (k not in ("model", "split", "task"), k))
+    print_table(rows, cols, title=f"eval: {paths.root}")
+    out = paths.root / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{d.name}_{which if not all_checkpoints else 'all'}.json").write_text(json.dumps(rows, indent=2, default=float))
+    return rows
+
+
+def _eval_file(model, tok, file: str, stride: int) -> dict:
+    from .data.sources import expand_inputs, iter_records
+    from .evaluate import evaluate_text
+
+    texts = [t for p in expand_inputs([file]) for t, _, _ in iter_records(p)]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise UserError(f"{file} holds no text to evaluate")
+    return evaluate_text(model, tok, texts, model.cfg.seq_len, stride=stride or None)
+
+
+def _benchmarks(model, tok, tasks, schema, max_items, label) -> list[dict]:
+    from .benchmarks import TASKS, load_items, score_gsm8k, score_multiple_choice
+    from .engine import Engine
+
+    rows = []
+    for task in tasks:
+        if task in TASKS:
+            spec = TASKS[task]
+            path, sch = spec.path, spec.schema
+        else:
+            if not Path(task).exists():
+                raise UserError(f"unknown task '{task}': give a registered name ({', '.join(TASKS)}) or a JSONL file")
+            if not schema:
+                raise UserError(f"--schema is needed for the file {task}: hellaswag | arc | gsm8k")
+            path, sch = task, schema
+        items = load_items(path, sch)
+        if sch == "gsm8k":
+            r = score_gsm8k(Engine(model, tok), tok, items, max_new_tokens=256, max_items=max_items)
+        else:
+            r = score_multiple_choice(model, tok, items, max_items=max_items)
+        rows.append({"model": label, "task": Path(str(task)).name, **r})
+    return rows
+
+
+def generate(cfg: Config, paths: RunPaths, prompt: str, stage="auto", which="best", chat=False) -> str:
+    from .engine import Engine
+
+    engine = _engine(paths, stage, which)
+    g = cfg.generate
+    kw = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+              repetition_penalty=g.repetition_penalty, seed=g.seed)
+    out = []
+    stream = engine.chat_stream([{"role": "user", "content": prompt}], **kw) if chat else \
+        engine.stream(engine.tok.encode(prompt), **kw)
+    if not chat:
+        print(prompt, end="", flush=True)
+    for piece in stream:
+        print(piece, end="", flush=True)
+        out.append(piece)
+    print()
+    return "".join(out)
+
+
+def _engine(paths: RunPaths, stage: str, which: str):
+    from .engine import Engine
+    from .tokenizer import Tokenizer
+    model, meta, ckpt = _load(paths, stage, which)
+    return Engine(model, Tokenizer.load(paths.tokenizer))
+
+
+def chat(cfg: Config, paths: RunPaths, stage="auto", which="best", system: str | None = None) -> None:
+    from .chat_cli import run_chat
+    g = cfg.generate
+    run_chat(_engine(paths, stage, which), system_prompt=system, max_new_tokens=g.max_new_tokens,
+             temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, repetition_penalty=g.repetition_penalty)
+
+
+def serve_run(cfg: Config, paths: RunPaths, stage="auto", which="best", host="127.0.0.1", port=8000, api_key=None):
+    from .serve.app import serve
+    serve(_engine(paths, stage, which), host=host, port=port, api_key=api_key, model_name=cfg.name)
+
+
+def export(cfg: Config, paths: RunPaths, out: str | None, stage="auto", which="best", force=False) -> Path:
+    from .export import export_hf
+    model, meta, ckpt = _load(paths, stage, which)
+    out_dir = Path(out) if out else paths.root / "export" / "hf"
+    _guard(out_dir, force, "an export")
+    export_hf(model, paths.tokenizer, out_dir, meta=meta)
+    print(f"export: {ckpt} -> {out_dir} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    return out_dir
+
+
+def embeddings(cfg: Config, paths: RunPaths, stage="auto", which="best", near=None, plot=None, k=10) -> None:
+    from .embeddings import nearest, plot_projection
+    from .tokenizer import Tokenizer
+    model, _, _ = _load(paths, stage, which)
+    tok = Tokenizer.load(paths.tokenizer)
+    emb = model.embed_tokens.weight.detach()
+    if not near and not plot:
+        raise UserError("give --near WORD and/or --plot FILE.png")
+    if near:
+        for t, c in nearest(emb, tok, near, k=k):
+            print(f"{c:+.3f}  {t!r}")
+    if plot:
+        plot_projection(emb, tok, Path(plot))
+        print(f"embeddings: projection written to {plot}")
+
+
+# ---------------------------------------------------------------- demo and report
+
+def held_out_questions(paths: RunPaths, n: int = 5) -> list[str]:
+    qs = []
+    p = paths.data / "sft_val.jsonl"
+    if p.exists():
+        for line in p.read_text().splitlines():
+            msgs = json.loads(line)["messages"]
+            qs.append(next(m["content"] for m in msgs if m["role"] == "user"))
+            if len(qs) == n:
+                break
+    return qs
+
+
+def answer(engine, questions: list[str], max_new_tokens: int) -> list[dict]:
+    out = []
+    for q in questions:
+        ids = engine.tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
+        gen = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0,
+                              stop_ids=(engine.tok.end_id, engine.tok.eos_id))[0]
+        ended = bool(gen) and gen[-1] in (engine.tok.end_id, engine.tok.eos_id)
+        out.append({"question": q, "answer": engine.tok.decode(gen), "ended_at_end_of_turn": ended})
+    return out
+
+
+def report(cfg: Config, paths: RunPaths, evals: list[dict] | None = None, answers: list[dict] | None = None) -> Path:
+    from .report import plot_loss_curves, write_report
+
+    curves = {s: getattr(paths, s) / "metrics.jsonl" for s in ("pretrain", "finetune")
+              if (getattr(paths, s) / "metrics.jsonl").exists()}
+    if curves:
+        plot_loss_curves(curves, paths.root / "loss.png", title=f"{cfg.name}: loss")
+    if evals is None:
+        p = paths.root / "eval" / "demo.json"
+        evals = json.loads(p.read_text()) if p.exists() else []
+    sections = {"config": cfg.to_dict(), "evals": evals, "answers": answers or [], "plots": ["loss.png"] if curves else []}
+    return write_report(paths.root, sections)
+
+
+def demo(cfg: Config, paths: RunPaths, force: bool = False) -> Path:
+    from .engine import Engine
+    from .report import print_table
+    from .tokenizer import Tokenizer
+
+    if paths.root.exists() and any(paths.root.iterdir()):
+        if not force:
+            raise UserError(f"run directory {paths.root} already exists; pass --force to overwrite it "
+                            f"(or choose another --run-dir)")
+        shutil.rmtree(paths.root)
+    t0 = time.time()
+    steps = [("prepare", lambda: prepare(cfg, paths)), ("tokenizer", lambda: tokenizer(cfg, paths)),
+             ("encode", lambda: encode(cfg, paths)), ("pretrain", lambda: pretrain(cfg, paths))]
+    for i, (name, fn) in enumerate(steps, 1):
+        print(f"\n== [{i}/7] {name}")
+        fn()
+    tok = Tokenizer.load(paths.tokenizer)
+    print("\n== [5/7] eval (base model)")
+    base, _, _ = _load(paths, "pretrain", "best")
+    rows = _rows("base", evaluate_splits(base, tok, paths, cfg))
+    print("\n== [6/7] finetune")
+    finetune(cfg, paths)
+    print("\n== [7/7] eval (fine-tuned) and chat")
+    tuned, _, _ = _load(paths, "finetune", "best")
+    rows += _rows("fine-tuned", evaluate_splits(tuned, tok, paths, cfg))
+    print_table(rows, METRIC_COLUMNS, title="validation")
+    (paths.root / "eval").mkdir(exist_ok=True)
+    (paths.root / "eval" / "demo.json").write_text(json.dumps(rows, indent=2, default=float))
+    answers = answer(Engine(tuned, tok), held_out_questions(paths), cfg.generate.max_new_tokens)
+    for a in answers:
+        print(f"\nQ: {a['question']}\nA: {a['answer']}")
+    rep = report(cfg, paths, rows, answers)
+    print(f"\ndemo finished in {time.time() - t0:.0f} s. Report: {rep}\n"
+          f"chat with it:  chatforge chat {paths.root}")
+    return rep
+
+
+# ---------------------------------------------------------------- dispatch
+
+def run(args: Namespace) -> int:
+    cfg, paths, extra = resolve(args)
+    cmd = args.command
+    if cmd == "prepare":
+        if args.input:
+            cfg.data.inputs = list(args.input)
+        if args.sft_input:
+            cfg.sft.inputs = list(args.sft_input)
+        if args.text_field:
+            cfg.data.text_field = args.text_field
+        cfg.data.lowercase |= args.lowercase
+        cfg.data.remove_stopwords |= args.remove_stopwords
+        prepare(cfg, paths, args.force)
+    elif cmd == "tokenizer":
+        tokenizer(cfg, paths, args.force)
+    elif cmd == "encode":
+        encode(cfg, paths, args.force)
+    elif cmd == "pretrain":
+        pretrain(cfg, paths, args.force, args.resume)
+    elif cmd == "finetune":
+        finetune(cfg, paths, args.force, args.resume, args.input, args.init, args.lora_rank)
+    elif cmd == "eval":
+        evaluate(cfg, paths, args.stage, args.checkpoint, args.file, args.stride, args.task, args.schema,
+                 args.max_items, args.all_checkpoints)
+    elif cmd == "generate":
+        generate(cfg, paths, args.prompt, args.stage, args.checkpoint, args.chat)
+    elif cmd == "chat":
+        chat(cfg, paths, args.stage, args.checkpoint, args.system)
+    elif cmd == "serve":
+        serve_run(cfg, paths, args.stage, args.checkpoint, args.host, args.port, args.api_key)
+    elif cmd == "export":
+        export(cfg, paths, args.out or (extra[0] if extra else None), args.stage, args.checkpoint, args.force)
+    elif cmd == "embeddings":
+        embeddings(cfg, paths, args.stage, args.checkpoint, args.near, args.plot, args.k)
+    elif cmd == "report":
+        print(f"report: {report(cfg, paths)}")
+    elif cmd == "demo":
+        demo(cfg, paths, args.force)
+    return 0

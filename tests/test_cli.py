@@ -1,0 +1,85 @@
+"""Bad input at the command line: one line naming the problem, exit 2, no traceback, nothing overwritten."""
+import subprocess
+import sys
+
+import pytest
+
+from chatforge.config import load_config
+from chatforge.errors import UserError
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "chatforge", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def assert_user_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_every_subcommand_has_help():
+    for cmd in ["prepare", "tokenizer", "encode", "pretrain", "eval", "finetune", "generate", "chat", "serve",
+                "export", "demo", "report", "embeddings"]:
+        r = cli(cmd, "--help")
+        assert r.returncode == 0 and "--config" in r.stdout and "--run-dir" in r.stdout, cmd
+
+
+def test_missing_input_path(tmp_path):
+    r = cli("prepare", "--config", "tiny", "--run-dir", str(tmp_path / "run"), "--input", str(tmp_path / "nope.txt"))
+    assert_user_error(r, "nope.txt")
+
+
+def test_corpus_with_no_usable_text(tmp_path):
+    (tmp_path / "a.txt").write_text("")
+    (tmp_path / "b.txt").write_text("hi\n")
+    r = cli("prepare", "--config", "tiny", "--run-dir", str(tmp_path / "run"), "--input", str(tmp_path / "*.txt"))
+    assert_user_error(r, "no usable text")
+
+
+def test_unknown_config_key(tmp_path):
+    r = cli("prepare", "--config", "tiny", "--run-dir", str(tmp_path / "run"), "train.stepz=3")
+    assert_user_error(r, "train.stepz", "steps")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_layers: 3\n")
+    r = cli("prepare", "--config", str(bad), "--run-dir", str(tmp_path / "run"))
+    assert_user_error(r, "model.n_layers")
+
+
+def test_missing_config_file(tmp_path):
+    r = cli("prepare", "--config", str(tmp_path / "nope.yaml"))
+    assert_user_error(r, "nope.yaml")
+
+
+def test_stage_before_its_inputs(tmp_path):
+    r = cli("tokenizer", "--config", "tiny", "--run-dir", str(tmp_path / "run"))
+    assert_user_error(r, "chatforge prepare")
+    r = cli("pretrain", "--config", "tiny", "--run-dir", str(tmp_path / "run"))
+    assert_user_error(r)
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    keep = run / "data" / "manifest.json"
+    keep.write_text("{}")
+    r = cli("prepare", "--config", "tiny", "--run-dir", str(run))
+    assert_user_error(r, "--force")
+    assert keep.read_text() == "{}"
+    r = cli("demo", "--config", "tiny", "--run-dir", str(run))
+    assert_user_error(r, "--force")
+    assert keep.read_text() == "{}"
+
+
+def test_config_overrides_and_types():
+    cfg = load_config("tiny", ["train.steps=7", "model.qk_norm=true", "train.lr=1e-4", "data.inputs=a.txt,b.txt"])
+    assert cfg.train.steps == 7 and cfg.model.qk_norm is True and cfg.train.lr == 1e-4
+    assert cfg.data.inputs == ["a.txt", "b.txt"]
+    with pytest.raises(UserError, match="train.steps"):
+        load_config("tiny", ["train.steps=many"])
+    with pytest.raises(UserError, match="key.sub=value"):
+        load_config("tiny", ["train.steps"])

@@ -331,3 +331,32 @@ def test_char_tokenizer(char_tok, tmp_path):
     assert hf(plain, add_special_tokens=False)["input_ids"] == char_tok.encode(plain) and hf.decode(ids) == text
     msgs = CHATS[0]
     assert char_tok.decode(char_tok.render_chat(msgs)[0], skip_special=False) == char_tok.render_chat_text(msgs)
+
+
+# ---- embedding tools ------------------------------------------------------------------------
+
+def test_nearest_finds_planted_neighbour(tok):
+    import torch
+    from chatforge.embeddings import nearest
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(tok.vocab_size, 32, generator=g)
+    (w,) = tok.encode(" def")
+    (twin,) = tok.encode(" return")
+    emb[twin] = 2 * emb[w]  # same direction: cosine 1
+    emb[tok.end_id] = emb[w]  # specials are never an answer
+    got = nearest(emb, tok, " def", k=5)
+    assert len(got) == 5 and got[0][0] == " return" and got[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert all(a[1] >= b[1] for a, b in zip(got, got[1:])) and got[1][1] < 0.99
+    assert "<|end|>" not in [t for t, _ in got] and " def" not in [t for t, _ in got]
+
+
+def test_plot_projection_writes_png(tok, tmp_path):
+    import numpy as np
+    import torch
+    from chatforge.embeddings import plot_projection
+    emb = torch.randn(tok.vocab_size, 16)
+    counts = np.arange(tok.vocab_size)[::-1].copy()
+    out = plot_projection(emb, tok, tmp_path / "sub" / "emb.png", n=50, counts=counts)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    plot_projection(emb, tok, tmp_path / "emb2.png", n=40)
+    assert (tmp_path / "emb2.png").is_file()

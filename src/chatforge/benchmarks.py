@@ -258,12 +258,13 @@ def continuation_logprobs(model, requests: Sequence[tuple[list[int], list[int]]]
             for r, i in enumerate(idx):
                 ids = seqs[i][0][:-1]
                 x[r, :len(ids)] = torch.tensor(ids)
-            logp = F.log_softmax(model(x.to(device)).float(), dim=-1)
+            logits = model(x.to(device))
             for r, i in enumerate(idx):
                 full, n_cont = seqs[i]
-                tgt = torch.tensor(full[-n_cont:], device=logp.device)
-                pos = torch.arange(len(full) - 1 - n_cont, len(full) - 1, device=logp.device)
-                out[i] = float(logp[r, pos, tgt].double().sum())
+                tgt = torch.tensor(full[-n_cont:], device=logits.device)
+                # Normalise only the continuation's rows: a (B, T, V) fp32 log-softmax is large for big vocabs.
+                logp = F.log_softmax(logits[r, len(full) - 1 - n_cont:len(full) - 1].float(), dim=-1)
+                out[i] = float(logp.gather(1, tgt[:, None]).double().sum())
     finally:
         model.train(was_training)
     return out

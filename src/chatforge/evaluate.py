@@ -43,13 +43,14 @@ class _Accumulator:
         top = logits.topk(k, dim=-1).indices  # (B, T, k); ties go to the lower id, like argmax
         hit1 = (top[..., 0] == safe_y) & valid
         hit5 = (top == safe_y.unsqueeze(-1)).any(-1) & valid
-        self.nll.append(nll.double().sum(1).cpu().numpy())
+        # Row sums on the CPU in float64/int64: MPS has no float64, and long evals need the precision.
+        self.nll.append(nll.cpu().double().sum(1).numpy())
         self.top1.append(hit1.sum(1).cpu().numpy().astype(np.float64))
         self.top5.append(hit5.sum(1).cpu().numpy().astype(np.float64))
         self.count.append(valid.sum(1).cpu().numpy().astype(np.float64))
         if token_bytes is not None:
-            b = token_bytes.to(y.device)[safe_y] * valid
-            self.nbytes.append(b.sum(1).cpu().numpy().astype(np.float64))
+            b = token_bytes[safe_y.cpu()] * valid.cpu()
+            self.nbytes.append(b.sum(1).numpy().astype(np.float64))
 
     def result(self) -> dict:
         if not self.count:
@@ -87,7 +88,7 @@ class _Accumulator:
 def _as_tensor_bytes(token_bytes) -> torch.Tensor | None:
     if token_bytes is None:
         return None
-    return torch.as_tensor(np.asarray(token_bytes), dtype=torch.float64)
+    return torch.as_tensor(np.asarray(token_bytes), dtype=torch.long)
 
 
 @torch.inference_mode()

@@ -83,13 +83,14 @@ def _print_prepare(manifest: dict, sft: dict, seconds: float) -> None:
     for split in ("train", "val"):
         s = manifest.get("splits", {}).get(split, {})
         t.add_row(f"kept: {split}", str(s.get("documents", s.get("docs", ""))), str(s.get("bytes", "")))
-    for reason, d in (manifest.get("drops") or {}).items():
-        if isinstance(d, dict):
-            t.add_row(f"dropped: {reason}", str(d.get("documents", d.get("docs", ""))), str(d.get("bytes", "")))
-        else:
-            t.add_row(f"dropped: {reason}", str(d), "")
+    for reason, d in (manifest.get("dropped") or {}).items():
+        t.add_row(f"dropped: {reason}", str(d.get("documents", "")), str(d.get("bytes", "")))
+    for reason, n in (manifest.get("read_errors") or {}).items():
+        t.add_row(f"read problem: {reason}", str(n), "")
     for split in ("train", "val"):
-        t.add_row(f"chat examples: {split}", str(sft.get("splits", {}).get(split, sft.get(split, ""))), "")
+        t.add_row(f"chat examples: {split}", str(sft.get("counts", {}).get(split, "")), "")
+    for reason, n in (sft.get("skipped") or {}).items():
+        t.add_row(f"chat skipped: {reason}", str(n), "")
     _console().print(t)
 
 
@@ -126,7 +127,7 @@ def encode(cfg: Config, paths: RunPaths, force: bool = False) -> dict:
     stats = {}
     for split in ("train", "val"):
         stats[split] = write_shards(tok, iter_documents(paths.data, split), paths.tokens / split,
-                                    workers=cfg.data.workers)
+                                    workers=0 if cfg.data.workers <= 1 else cfg.data.workers)
         print(f"encode {split}: {stats[split]['tokens']:,} tokens in {stats[split]['docs']:,} documents")
     (paths.tokens / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats

@@ -147,6 +147,14 @@ class Tokenizer:
         self._role_id = {"system": self.system_id, "user": self.user_id, "assistant": self.assistant_id}
         self._token_bytes: list[bytes] | None = None
 
+    @property
+    def hf(self) -> HFTokenizer:
+        """The underlying HF tokenizer (runs with encode_special_tokens=True: specials in text stay text)."""
+        return self._hf
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, hash={self.hash!r})"
+
     # ---- training and persistence -------------------------------------------------------------
     @classmethod
     def train(cls, texts: Iterable[str], cfg: TokenizerConfig) -> "Tokenizer":
@@ -303,7 +311,7 @@ class IncrementalDecoder:
     def push(self, token_id: int) -> str:
         token_id = int(token_id)
         if token_id < len(SPECIAL_TOKENS):
-            return "" if self._skip else self._dec.decode(b"") + SPECIAL_TOKENS[token_id]
+            return "" if self._skip else SPECIAL_TOKENS[token_id]
         return self._dec.decode(self._bytes[token_id])
 
     def flush(self) -> str:

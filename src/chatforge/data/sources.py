@@ -37,6 +37,7 @@ SUPPORTED_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | {".csv", ".parquet"}
 # max_chars. Python sources are never cut: a module's definitions and imports belong together.
 TEXT_CHUNK_CHARS = 16_384
 DOC_SEPARATOR = "<|endoftext|>"  # TinyStories-style dumps mark story boundaries with this line
+# A NUL in a text file is a record separator too (the `find -print0` convention; some dumps use it).
 BINARY_SNIFF_BYTES = 8192
 _READ_SIZE = 1 << 16
 
@@ -85,11 +86,13 @@ def is_supported(path: Path) -> bool:
     return _suffixes(path)[0] in SUPPORTED_SUFFIXES
 
 
-def expand_inputs(patterns: list[str]) -> list[Path]:
+def expand_inputs(patterns: list[str], suffixes: set[str] | None = None) -> list[Path]:
     """Files, folders (recursively: supported files only, hidden ones skipped) and globs -> file list.
 
     Each pattern's matches are sorted; patterns keep the user's order; a file named twice is read once.
+    `suffixes` narrows which files a folder contributes (e.g. only JSON for chat data).
     """
+    wanted = suffixes or SUPPORTED_SUFFIXES
     out: list[Path] = []
     seen: set[Path] = set()
     for pat in patterns:
@@ -99,12 +102,12 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
         elif p.is_dir():
             found = sorted(
                 f for f in p.rglob("*")
-                if f.is_file() and is_supported(f)
+                if f.is_file() and _suffixes(f)[0] in wanted
                 and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )
             if not found:
                 raise UserError(f"input folder '{pat}' holds no readable files "
-                                f"({', '.join(sorted(SUPPORTED_SUFFIXES))}, optionally compressed)")
+                                f"({', '.join(sorted(wanted))}, optionally compressed)")
         elif any(ch in pat for ch in "*?["):
             found = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
             if not found:
@@ -159,6 +162,23 @@ def _raw_chunks(path: Path) -> Iterator[bytes]:
             yield data
 
 
+def _looks_binary(head: bytes) -> bool:
+    """NUL bytes in the first 8 KB mean binary (images, archives, UTF-16), unless they are a rare separator
+    in otherwise clean text: some story dumps put one NUL between records (TinyStories' data00 does)."""
+    nuls = head.count(b"\x00")
+    if not nuls:
+        return False
+    if nuls * 200 > len(head):  # more than 0.5% NULs: not a separator
+        return True
+    rest = head.replace(b"\x00", b"")
+    try:
+        rest.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(rest) - 4:  # a multi-byte character cut at the 8 KB edge is fine
+            return True
+    return sum(b < 32 and b not in (9, 10, 12, 13) for b in rest) > len(rest) // 100
+
+
 def _chunks_checked(path: Path, stats: ReadStats) -> Iterator[bytes]:
     """Raw chunks, with empty/binary files skipped (and noted) and truncation noted instead of raised."""
     it = _raw_chunks(path)
@@ -171,7 +191,7 @@ def _chunks_checked(path: Path, stats: ReadStats) -> Iterator[bytes]:
         if not head.strip():
             stats.note("empty_file", path)
             return
-        if b"\x00" in head[:BINARY_SNIFF_BYTES]:
+        if _looks_binary(head[:BINARY_SNIFF_BYTES]):
             stats.note("binary_file", path, "NUL bytes in the first 8 KB; not text")
             return
         yield head
@@ -227,6 +247,8 @@ def _iter_text(path: Path, stats: ReadStats, chunk_chars: int) -> Iterator[tuple
     for no, raw in _iter_lines(path, stats):
         line, was_bad = _decode(raw)
         bad |= was_bad
+        if "\x00" in line:
+            line = line.replace("\x00", DOC_SEPARATOR)
         if DOC_SEPARATOR in line:
             pieces = line.split(DOC_SEPARATOR)
             for piece in pieces[:-1]:

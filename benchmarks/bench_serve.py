@@ -1,0 +1,125 @@
+"""Serving load test: C concurrent clients send N chat requests in all; errors, p50/p95 latency, tokens/s.
+
+By default it starts a server in-process on a tiny random model; --url points it at a running server instead
+(e.g. `chatforge serve`), --run loads a trained run.
+    python benchmarks/bench_serve.py [--requests 200 --concurrency 8 --max-tokens 32 --stream]
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import socket
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+
+
+def start_server(args) -> tuple[str, object]:
+    import uvicorn
+
+    from chatforge.config import ModelConfig, TokenizerConfig
+    from chatforge.engine import Engine
+    from chatforge.model import GPT
+    from chatforge.serve import create_app
+    from chatforge.tokenizer import Tokenizer
+
+    if args.run:
+        engine = Engine.from_run(Path(args.run), stage=args.stage, device=args.device)
+    else:
+        tok = Tokenizer.train([inspect.getsource(m) for m in (json, argparse, inspect)],
+                              TokenizerConfig(vocab_size=2048, min_frequency=2))
+        torch.manual_seed(0)
+        cfg = ModelConfig(n_layer=4, n_embd=256, seq_len=512, vocab_size=tok.vocab_size, init_std=0.1)
+        engine = Engine(GPT(cfg), tok, device=args.device)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server
+
+
+def one_request(client: httpx.Client, url: str, i: int, args) -> tuple[bool, float, int, float]:
+    """-> (ok, latency s, completion tokens, time to first token s)."""
+    body = {"model": "bench", "messages": [{"role": "user", "content": f"Request {i}: tell me a story."}],
+            "max_tokens": args.max_tokens, "temperature": 0.8, "seed": i, "stream": args.stream}
+    if args.stream:
+        body["stream_options"] = {"include_usage": True}
+    t0 = time.perf_counter()
+    ttft, tokens = 0.0, 0
+    try:
+        if args.stream:
+            with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    return False, time.perf_counter() - t0, 0, 0.0
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    obj = json.loads(line[6:])
+                    if "error" in obj:
+                        print("error:", obj["error"]["message"])
+                        return False, time.perf_counter() - t0, 0, 0.0
+                    if not ttft and obj["choices"] and obj["choices"][0]["delta"].get("content"):
+                        ttft = time.perf_counter() - t0
+                    if obj.get("usage"):
+                        tokens = obj["usage"]["completion_tokens"]
+        else:
+            r = client.post(url + "/v1/chat/completions", json=body)
+            if r.status_code != 200:
+                return False, time.perf_counter() - t0, 0, 0.0
+            tokens = r.json()["usage"]["completion_tokens"]
+    except httpx.HTTPError as e:
+        print("error:", e)
+        return False, time.perf_counter() - t0, 0, 0.0
+    return True, time.perf_counter() - t0, tokens, ttft
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=200, help="requests in all")
+    ap.add_argument("--concurrency", type=int, default=8, help="concurrent clients")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--stream", action="store_true", help="use SSE streaming (also reports time to first token)")
+    ap.add_argument("--url", help="benchmark a running server instead of starting one")
+    ap.add_argument("--run", help="run dir to serve (default: a tiny random model)")
+    ap.add_argument("--stage", default="finetune")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+
+    url, server = (args.url.rstrip("/"), None) if args.url else start_server(args)
+    client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=args.concurrency))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        results = list(pool.map(lambda i: one_request(client, url, i, args), range(args.requests)))
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r[0]]
+    lat = sorted(r[1] for r in ok)
+    tokens = sum(r[2] for r in ok)
+
+    def pct(xs: list[float], p: float) -> float:
+        return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
+
+    print(f"{args.requests} requests, {args.concurrency} concurrent clients, max_tokens {args.max_tokens}, "
+          f"{'streaming' if args.stream else 'non-streaming'}, {wall:.1f} s")
+    print(f"errors: {len(results) - len(ok)}")
+    print(f"latency p50 {pct(lat, 0.5) * 1000:.0f} ms, p95 {pct(lat, 0.95) * 1000:.0f} ms, "
+          f"mean {statistics.fmean(lat) * 1000 if lat else float('nan'):.0f} ms")
+    if args.stream:
+        ttft = sorted(r[3] for r in ok if r[3])
+        print(f"time to first token p50 {pct(ttft, 0.5) * 1000:.0f} ms, p95 {pct(ttft, 0.95) * 1000:.0f} ms")
+    print(f"throughput: {len(ok) / wall:.1f} requests/s, {tokens / wall:.1f} completion tokens/s")
+    if server is not None:
+        server.should_exit = True
+
+
+if __name__ == "__main__":
+    main()

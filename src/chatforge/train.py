@@ -1,0 +1,322 @@
+"""THE training loop, shared by pretraining and fine-tuning.
+
+One optimizer step = cfg.grad_accum micro-batches. The loss of every micro-batch is a *sum* of token losses
+divided by the number of target tokens in the whole step (all micro-batches, all ranks), so the gradient is
+the same whether a step is 1x8 or 8x1 micro-batches, on one process or several. Everything that decides the
+next loss (weights, optimizer, schedule, loader position, RNG, the logging accumulators) is in a checkpoint,
+so a resumed run logs bit-identical losses to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_sum, autocast_ctx, is_distributed, pick_device, unwrap, wrap_model
+from .errors import UserError
+from .optim import build_optimizer, build_scheduler
+
+IGNORE = -100
+
+# Peak dense bf16 FLOP/s per device, for MFU. Estimates: MFU is a yardstick, not a measurement.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12, "L4": 121e12,
+              "A10": 125e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+CPU_PEAK_FLOPS = 125e9  # fp32, estimated for this 2-core build machine (AVX2 FMA); other CPUs differ
+MPS_PEAK_FLOPS = 10e12  # rough Apple-silicon estimate
+
+
+def peak_flops(device: torch.device) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in PEAK_FLOPS.items():
+            if key in name:
+                return flops
+        return 100e12
+    return MPS_PEAK_FLOPS if device.type == "mps" else CPU_PEAK_FLOPS
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over target tokens (!= -100), and how many there are."""
+    kwargs = {k: batch[k] for k in ("doc_ids", "position_ids") if k in batch}
+    logits = model(batch["x"], **kwargs)
+    y = batch["y"]
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, int((y != IGNORE).sum())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[dict], device: torch.device) -> float:
+    """Mean loss per target token over the batches (summed across ranks)."""
+    was_training = model.training
+    model.eval()
+    tot = torch.zeros(2, dtype=torch.float64, device=device)
+    with autocast_ctx(device):
+        for b in batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            s, n = loss_sum(model, b)
+            tot[0] += s.double()
+            tot[1] += n
+    all_reduce_sum(tot)
+    model.train(was_training)
+    return float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
+
+
+def _apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward (memory for compute); state_dict names are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in getattr(model, "layers", []):
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def _use_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    mode = str(cfg.compile).lower()
+    if mode in ("auto", ""):
+        return device.type == "cuda"
+    if mode in ("on", "true", "1", "yes"):
+        return True
+    if mode in ("off", "false", "0", "no"):
+        return False
+    raise UserError(f"train.compile '{cfg.compile}' is not known; use auto, on or off")
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and returns."""
+
+    def __init__(self):
+        self.set = False
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop records the interrupted run wrote after the checkpoint it resumes from."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
+          val_batches: Callable[[], Iterable[dict]] | None, meta: dict, resume: bool = False,
+          dist: DistInfo | None = None, log: Callable[[str], None] = print, strategy: str = "ddp") -> dict:
+    """Train for cfg.steps optimizer steps; metrics to out_dir/metrics.jsonl, checkpoints to out_dir/ckpt.
+
+    Returns {step, train_loss, best_val_loss, final_val_loss, tokens, seconds, skipped_steps, interrupted}.
+    """
+    out_dir = Path(out_dir)
+    dist = dist or DistInfo(device=pick_device(cfg.device))
+    device, is_main = dist.device, dist.is_main
+    ckpt_root = out_dir / "ckpt"
+    metrics_path = out_dir / "metrics.jsonl"
+    raw = unwrap(model)
+    meta = {**meta}
+    meta.setdefault("model", dataclasses.asdict(raw.cfg))
+    meta.setdefault("train", dataclasses.asdict(cfg))
+    if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.steps < 0:
+        raise UserError("train.batch_size and train.grad_accum must be >= 1 and train.steps >= 0")
+
+    resume_dir = None
+    if resume:
+        if not ckpt.list_checkpoints(ckpt_root):
+            raise UserError(f"resume requested but {ckpt_root} has no checkpoint; run without --resume")
+        resume_dir = ckpt.resolve_checkpoint(ckpt_root, "last")
+        saved = ckpt.read_meta(resume_dir)
+        if saved.get("model") != meta["model"]:
+            raise UserError(f"{resume_dir}/meta.json: the checkpoint's model config differs from this run's "
+                            f"(saved {saved.get('model')}); resume with the same model config or start a new run")
+
+    seed_everything(cfg.seed)
+    raw.to(device)
+    raw.train()
+    if cfg.activation_checkpointing:
+        _apply_activation_checkpointing(raw)
+    wrapped = wrap_model(raw, strategy if dist.world > 1 else "none", device)
+    optimizer = build_optimizer(wrapped, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    fwd = torch.compile(wrapped) if _use_compile(cfg, device) else wrapped
+
+    # Loop state: everything here goes into checkpoints so a resume continues exactly.
+    st = {"step": 0, "tokens": 0, "seconds": 0.0, "skipped": 0, "bad_in_row": 0, "log_loss_sum": 0.0,
+          "log_loss_n": 0, "log_tokens": 0, "log_seconds": 0.0, "train_loss": None, "best_val": None,
+          "final_val": None, "val_hist": [], "train_hist": []}
+    if resume_dir is not None:
+        st.update(ckpt.load_training_state(resume_dir, wrapped, optimizer, scheduler, train_loader))
+        log(f"resumed from {resume_dir} at step {st['step']}")
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_dir is not None:
+            _trim_metrics(metrics_path, st["step"])
+        elif metrics_path.exists():
+            metrics_path.unlink()  # a fresh run starts a fresh log
+
+    def write(rec: dict) -> None:
+        if is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    flops_tok = raw.flops_per_token() if hasattr(raw, "flops_per_token") else 0.0
+    peak = peak_flops(device) * dist.world
+    params = [p for p in raw.parameters() if p.requires_grad]
+
+    def run_eval() -> float | None:
+        if val_batches is None:
+            return None
+        v = evaluate(fwd, val_batches(), device)
+        st["final_val"] = v
+        if st["best_val"] is None or v < st["best_val"]:
+            st["best_val"] = v
+        tl = st["train_loss"]
+        write({"kind": "val", "step": st["step"], "val_loss": v, "train_loss": tl})
+        st["val_hist"] = (st["val_hist"] + [v])[-3:]
+        st["train_hist"] = (st["train_hist"] + [tl])[-3:]
+        vh, th = st["val_hist"], st["train_hist"]
+        if len(vh) == 3 and None not in th and vh[0] < vh[1] < vh[2] and th[0] > th[1] > th[2]:
+            log(f"warning: validation loss rose for 2 evaluations ({vh[0]:.4f} -> {vh[2]:.4f}) while training "
+                f"loss fell: the model is overfitting; use more data, fewer steps or dropout")
+        return v
+
+    def save(val: float | None) -> None:
+        extra = {k: v for k, v in st.items()}
+        ckpt.save_checkpoint(ckpt_root, st["step"], wrapped, optimizer, scheduler, train_loader, meta,
+                             val_loss=val, keep_last=cfg.keep_last, extra=extra)
+
+    bar = tqdm(total=cfg.steps, initial=st["step"], disable=not is_main or not sys.stderr.isatty(),
+               dynamic_ncols=True, desc="train")
+    interrupted = False
+    t_start = time.perf_counter() - st["seconds"]
+    last_saved = st["step"] if resume_dir is not None else -1
+    with _StopFlag() as stop:
+        while st["step"] < cfg.steps:
+            t0 = time.perf_counter()
+            micro = [train_loader.next_batch() for _ in range(cfg.grad_accum)]
+            # Normalise by the target tokens of the whole step across ranks (DDP averages gradients: x world).
+            counts = torch.tensor([float(sum(int((b["y"] != IGNORE).sum()) for b in micro))], dtype=torch.float64)
+            n_targets = float(all_reduce_sum(counts.to(device))[0])
+            if n_targets == 0:
+                raise UserError("a training step has no target tokens (every label is masked); check the data")
+            scale = dist.world / n_targets
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for i, b in enumerate(micro):
+                b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+                # Skip DDP's gradient all-reduce on all but the last micro-batch.
+                sync = i == len(micro) - 1 or not hasattr(wrapped, "no_sync")
+                with (nullcontext() if sync else wrapped.no_sync()), autocast_ctx(device):
+                    s, _ = loss_sum(fwd, b)
+                (s * scale).backward()
+                total += s.detach().double()
+            step_tokens = sum(b["x"].numel() for b in micro) * dist.world
+            # One all-reduce carries the loss and the stop flag, so every rank takes the same decision.
+            packet = torch.tensor([0.0, 1.0 if stop.set else 0.0], dtype=torch.float64, device=device)
+            packet[0] = total
+            all_reduce_sum(packet)
+            loss = float(packet[0]) / n_targets
+            stop_now = bool(packet[1] > 0)
+
+            if not math.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                st["skipped"] += 1
+                st["bad_in_row"] += 1
+                log(f"step {st['step'] + 1}: loss is {loss}; skipped the update "
+                    f"({st['bad_in_row']}/{cfg.max_bad_steps} in a row)")
+                if st["bad_in_row"] >= cfg.max_bad_steps:
+                    raise UserError(f"training stopped: the loss was NaN/Inf for {st['bad_in_row']} steps in a row "
+                                    f"(step {st['step'] + 1}); lower train.lr, keep train.grad_clip on, or check "
+                                    f"the data")
+            else:
+                st["bad_in_row"] = 0
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                st["log_loss_sum"] += loss
+                st["log_loss_n"] += 1
+            lr = scheduler.get_last_lr()[0]
+            with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
+            st["step"] += 1
+            st["tokens"] += step_tokens
+            st["log_tokens"] += step_tokens
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # honest timings
+            dt = time.perf_counter() - t0
+            st["log_seconds"] += dt
+            st["seconds"] = time.perf_counter() - t_start
+            step = st["step"]
+            bar.update(1)
+
+            if step % max(cfg.log_every, 1) == 0 or step == cfg.steps:
+                avg = st["log_loss_sum"] / st["log_loss_n"] if st["log_loss_n"] else float("nan")
+                tps = st["log_tokens"] / max(st["log_seconds"], 1e-9)
+                mfu = flops_tok * tps / peak if peak else 0.0
+                st["train_loss"] = avg if st["log_loss_n"] else st["train_loss"]
+                write({"kind": "train", "step": step, "loss": avg, "lr": lr, "tokens": st["tokens"],
+                       "tok_per_s": tps, "mfu": mfu, "time": st["seconds"]})
+                bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1%}")
+                if bar.disable and is_main and (step % max(cfg.log_every * 10, 1) == 0 or step == cfg.steps):
+                    log(f"step {step}/{cfg.steps} loss {avg:.4f} lr {lr:.2e} tok/s {tps:,.0f} mfu {mfu:.1%}")
+                st["log_loss_sum"], st["log_loss_n"], st["log_tokens"], st["log_seconds"] = 0.0, 0, 0, 0.0
+
+            final = step == cfg.steps
+            ckpt_due = cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0
+            eval_due = cfg.eval_every > 0 and step % cfg.eval_every == 0
+            val = None
+            if eval_due or ckpt_due or final or stop_now:
+                if eval_due or final or ((ckpt_due or stop_now) and val_batches is not None):
+                    val = run_eval()
+                    if is_main and val is not None:
+                        (bar.write if not bar.disable else log)(f"step {step}: val loss {val:.4f}")
+            if ckpt_due or final or stop_now:
+                st["seconds"] = time.perf_counter() - t_start
+                save(val)
+                last_saved = step
+            if stop_now:
+                interrupted = True
+                log(f"interrupted: saved a checkpoint at step {step}; continue with resume")
+                break
+    bar.close()
+    if last_saved != st["step"] and st["step"] > 0:  # steps=0 or a resumed finished run
+        save(st["final_val"])
+    return {"step": st["step"], "train_loss": st["train_loss"], "best_val_loss": st["best_val"],
+            "final_val_loss": st["final_val"], "tokens": st["tokens"], "seconds": st["seconds"],
+            "skipped_steps": st["skipped"], "interrupted": interrupted}

@@ -1,0 +1,232 @@
+"""Engine: KV-cache equivalence, batching, stopping, UTF-8-safe streaming, chat history, terminal chat."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chatforge.config import ModelConfig, TokenizerConfig
+from chatforge.engine import Engine
+from chatforge.model import GPT
+from chatforge.tokenizer import IncrementalDecoder, Tokenizer
+
+CORPUS = ["The quick brown fox jumps over the lazy dog. " * 3,
+          "Hello world, hello there! How are you today? I am fine, thanks.",
+          "Once upon a time there was a little model that wanted to talk."] * 4
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: one CPU thread is fastest, and avoids thrashing when the machine is shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def make_tok() -> Tokenizer:
+    # ASCII-only training text: multi-byte characters stay split into several byte tokens.
+    return Tokenizer.train(CORPUS, TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1))
+
+
+def make_model(tok: Tokenizer, seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    args = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, seq_len=128, init_std=0.2) | kw
+    return GPT(ModelConfig(vocab_size=tok.vocab_size, **args)).eval()
+
+
+def memorize(model: GPT, seqs: list[list[int]], steps: int = 150) -> GPT:
+    """Overfit the model on a few sequences so its greedy output is known."""
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = 0.0
+        for s in seqs:
+            x = torch.tensor([s])
+            logits = model(x[:, :-1])
+            loss = loss + F.cross_entropy(logits[0], x[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return make_tok()
+
+
+@pytest.fixture(scope="module")
+def engine(tok) -> Engine:
+    return Engine(make_model(tok), tok)
+
+
+def test_greedy_same_with_and_without_cache(engine, tok):
+    prompt = [tok.bos_id] + tok.encode("Hello world")
+    a = engine.generate(prompt, max_new_tokens=30, temperature=0, use_cache=True)
+    b = engine.generate(prompt, max_new_tokens=30, temperature=0, use_cache=False)
+    assert len(a[0]) == 30
+    assert a == b
+
+
+def test_batch_rows_match_single_runs(engine, tok):
+    prompts = [[tok.bos_id] + tok.encode(t) for t in ["Hi", "Once upon a time there was", "The quick brown fox"]]
+    batched = engine.generate(prompts, max_new_tokens=20, temperature=0)
+    single = [engine.generate(p, max_new_tokens=20, temperature=0)[0] for p in prompts]
+    assert batched == single
+    nocache = engine.generate(prompts, max_new_tokens=20, temperature=0, use_cache=False)
+    assert nocache == single
+
+
+def test_sampling_seeded_and_varied(engine, tok):
+    prompt = [tok.bos_id]
+    a = engine.generate(prompt, max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=1)
+    b = engine.generate(prompt, max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=1)
+    c = engine.generate(prompt, max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=2)
+    assert a == b and a != c
+    # top_k=1 is greedy whatever the temperature.
+    g = engine.generate(prompt, max_new_tokens=20, temperature=0)
+    assert engine.generate(prompt, max_new_tokens=20, temperature=1.5, top_k=1, seed=3) == g
+
+
+def test_repetition_penalty_changes_greedy(engine, tok):
+    prompt = [tok.bos_id] + tok.encode("hello hello hello")
+    plain = engine.generate(prompt, max_new_tokens=40, temperature=0)[0]
+    pen = engine.generate(prompt, max_new_tokens=40, temperature=0, repetition_penalty=5.0)[0]
+    assert pen != plain
+    assert len(set(pen)) >= len(set(plain))
+
+
+def test_stop_ids_and_strings(engine, tok):
+    prompt = [tok.bos_id] + tok.encode("Hello")
+    full = engine.generate(prompt, max_new_tokens=20, temperature=0)[0]
+    k = next(i for i in range(2, 20) if full[i] not in full[:i])  # first fresh token from the 3rd on
+    assert engine.generate(prompt, max_new_tokens=20, temperature=0, stop_ids=[full[k]])[0] == full[:k + 1]
+    # Stop string: the text of tokens k..k+1; streaming never shows it, and stops right there.
+    text = tok.decode(full)
+    stop = tok.decode(full[k:k + 2])
+    if stop.strip() and text.find(stop) > 0:
+        streamed = "".join(engine.stream(prompt, max_new_tokens=20, temperature=0, stop_strings=[stop]))
+        assert streamed == text[:text.find(stop)]
+
+
+def test_chat_stops_at_end_of_turn_and_streams_utf8():
+    tok = make_tok()
+    answer = "Grüße aus Köln 🙂 — 日本語!"
+    assert any(len(tok.token_bytes()[i]) and tok.token_bytes()[i].decode("utf-8", "replace") == "\ufffd"
+               for i in tok.encode(answer)), "test needs tokens that hold partial UTF-8 characters"
+    msgs = [{"role": "user", "content": "Say hi"}]
+    ids, _ = tok.render_chat(msgs + [{"role": "assistant", "content": answer}])
+    model = memorize(make_model(tok, seed=1), [ids])
+    engine = Engine(model, tok)
+    chunks = list(engine.chat_stream(msgs, max_new_tokens=60, temperature=0))
+    assert "".join(chunks) == answer  # stopped at <|end|>: nothing after the answer
+    assert all("\ufffd" not in c for c in chunks)
+    # Naive per-token decoding of the same ids would show replacement characters: the test has teeth.
+    assert any("\ufffd" in tok.decode([i]) for i in tok.encode(answer))
+    stream = engine.chat_stream(msgs, max_new_tokens=60, temperature=0)
+    "".join(stream)
+    assert stream.finish_reason == "stop" and stream.n_tokens == len(tok.encode(answer))
+    assert engine.chat(msgs, temperature=0) == answer
+    # Without the end-of-turn stop the model keeps going past the answer.
+    p, _ = tok.render_chat(msgs, add_generation_prompt=True)
+    more = engine.generate(p, max_new_tokens=len(tok.encode(answer)) + 3, temperature=0)[0]
+    assert tok.end_id in more
+
+
+def test_history_is_trimmed_to_fit_context(engine, tok):
+    msgs = [{"role": "system", "content": "Be brief."}]
+    for i in range(30):
+        msgs += [{"role": "user", "content": f"question number {i} about the quick brown fox"},
+                 {"role": "assistant", "content": "the lazy dog"}]
+    msgs.append({"role": "user", "content": "last one"})
+    fitted = engine.fit_messages(msgs, max_new_tokens=20)
+    assert fitted[0] == msgs[0] and fitted[-1] == msgs[-1] and len(fitted) < len(msgs)
+    assert len(tok.render_chat(fitted, add_generation_prompt=True)[0]) + 20 <= engine.seq_len
+    assert isinstance(engine.chat(msgs, max_new_tokens=20, temperature=0), str)
+
+
+def test_incremental_decoder_roundtrip(tok):
+    text = "naïve café 🙂 日本"
+    dec = IncrementalDecoder(tok)
+    parts = [dec.push(i) for i in tok.encode(text)]
+    assert "".join(parts) + dec.flush() == text and all("\ufffd" not in p for p in parts)
+
+
+def test_run_chat_commands(engine):
+    from chatforge.chat_cli import run_chat
+
+    inp = io.StringIO("hello\n/system You are a pirate.\nhi again\n/reset\n\nhow are you\n/quit\nnever read\n")
+    out = io.StringIO()
+    history = run_chat(engine, max_new_tokens=5, temperature=0, input_stream=inp, output_stream=out)
+    text = out.getvalue()
+    assert "system prompt set" in text and "history cleared" in text
+    # After /reset only the last exchange remains, with the pirate system prompt kept.
+    assert [m["role"] for m in history] == ["system", "user", "assistant"]
+    assert history[0]["content"] == "You are a pirate." and history[1]["content"] == "how are you"
+
+
+def test_run_chat_piped_subprocess(tmp_path, tok):
+    # A real process reading piped stdin, as `echo ... | chatforge chat` would.
+    tok.save(tmp_path / "tok")
+    torch.save(make_model(tok).state_dict(), tmp_path / "model.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from chatforge.config import ModelConfig
+        from chatforge.engine import Engine
+        from chatforge.model import GPT
+        from chatforge.tokenizer import Tokenizer
+        from chatforge.chat_cli import run_chat
+        tok = Tokenizer.load({str(tmp_path / 'tok')!r})
+        cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, seq_len=128, vocab_size=tok.vocab_size)
+        m = GPT(cfg); m.load_state_dict(torch.load({str(tmp_path / 'model.pt')!r}))
+        h = run_chat(Engine(m, tok), max_new_tokens=4, temperature=0)
+        print("TURNS", len(h))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], input="one\ntwo\n", capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "TURNS 4" in r.stdout  # two user turns, two replies; EOF ends the chat cleanly
+
+
+@pytest.mark.parametrize("kw", [dict(qk_norm=True), dict(qk_norm=False, tie_embeddings=False, n_kv_head=4)])
+def test_fast_decode_path_matches_plain_forward(tok, kw):
+    # The cached path uses Engine._decode_step (fused weights); the uncached one the model's own blocks.
+    model = make_model(tok, seed=3, **kw)
+    eng = Engine(model, tok)
+    prompts = [[tok.bos_id] + tok.encode("Once upon"), [tok.bos_id]]
+    assert eng.generate(prompts, 25, temperature=0) == eng.generate(prompts, 25, temperature=0, use_cache=False)
+    # And the logits themselves agree closely, step by step.
+    ids = torch.tensor([prompts[0]])
+    cache = model.new_cache(1, 64)
+    with torch.inference_mode():
+        eng._forward(ids, torch.arange(ids.shape[1])[None], None, cache)
+        nxt = torch.tensor([[11]])
+        fast = eng._decode_step(nxt, torch.tensor([[ids.shape[1]]]), None, cache)
+        full = model(torch.cat([ids, nxt], 1))[:, -1]
+    assert torch.allclose(fast, full, atol=1e-5)
+
+
+def test_stream_resumed_on_other_threads(engine, tok):
+    # A web server's thread pool resumes the stream on different threads; grad mode is per thread.
+    import threading
+
+    prompt = [tok.bos_id] + tok.encode("Hello")
+    want = list(engine.stream(prompt, max_new_tokens=12, temperature=0))
+    stream = engine.stream(prompt, max_new_tokens=12, temperature=0)
+    got: list = []
+    while True:
+        box: list = []
+        th = threading.Thread(target=lambda: box.append(next(stream, None)))  # a new thread every step
+        th.start()
+        th.join()
+        if box[0] is None:
+            break
+        got.append(box[0])
+    assert got == want and torch.is_grad_enabled()

@@ -1,0 +1,161 @@
+"""Loaders: windows, determinism, rank split, exact resume, document masks, SFT masking/packing."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from chatforge.config import ModelConfig
+from chatforge.data.loader import (IGNORE, SFTLoader, TokenLoader, iter_eval_batches, iter_sft_eval_batches)
+from chatforge.model import GPT
+
+
+def corpus(n=5000, seed=0):
+    return np.random.default_rng(seed).integers(1, 500, size=n).astype(np.uint16)
+
+
+def test_windows_are_contiguous_and_shifted():
+    a = np.arange(3000, dtype=np.uint32)  # token value == position: windows are easy to check
+    b = TokenLoader([a], 4, 32, seed=3).next_batch()
+    assert b["x"].shape == (4, 32) and b["x"].dtype == torch.long
+    assert torch.equal(b["y"], b["x"] + 1)
+    assert torch.equal(b["x"][:, 1:], b["x"][:, :-1] + 1)
+
+
+def test_epoch_covers_every_window_once_then_reshuffles():
+    a = np.arange(32 * 20 + 1, dtype=np.uint32)
+    L = TokenLoader([a], 4, 32, seed=1)
+    starts = [int(s) for _ in range(5) for s in L.next_batch()["x"][:, 0]]
+    assert sorted(starts) == list(range(0, 32 * 20, 32))
+    assert L.state_dict()["epoch"] == 1
+    nxt = [int(s) for _ in range(5) for s in L.next_batch()["x"][:, 0]]
+    assert nxt != starts  # a new permutation (and a shifted grid)
+
+
+def test_seeded_determinism_and_exact_resume():
+    arrays = [corpus(4000, 0), corpus(2500, 1)]
+    a, b = TokenLoader(arrays, 3, 16, seed=7), TokenLoader(arrays, 3, 16, seed=7)
+    for _ in range(50):  # crosses epochs
+        assert torch.equal(a.next_batch()["x"], b.next_batch()["x"])
+    assert not torch.equal(TokenLoader(arrays, 3, 16, seed=8).next_batch()["x"],
+                           TokenLoader(arrays, 3, 16, seed=7).next_batch()["x"])
+    state = a.state_dict()
+    expected = [a.next_batch()["x"] for _ in range(30)]
+    c = TokenLoader(arrays, 3, 16, seed=7)
+    c.load_state_dict(state)
+    assert all(torch.equal(e, c.next_batch()["x"]) for e in expected)
+
+
+def test_ranks_are_disjoint_and_union_is_the_global_batch():
+    arrays = [corpus(6000)]
+    single = TokenLoader(arrays, 8, 16, seed=2)
+    ranks = [TokenLoader(arrays, 4, 16, seed=2, rank=r, world=2) for r in range(2)]
+    for _ in range(20):
+        g = single.next_batch()["x"]
+        parts = [r.next_batch()["x"] for r in ranks]
+        assert torch.equal(torch.cat(parts), g)
+
+
+def test_memmap_input(tmp_path):
+    path = tmp_path / "tok.bin"
+    mm = np.memmap(path, dtype=np.uint16, mode="w+", shape=(200_000,))
+    mm[:] = np.arange(200_000) % 60000
+    mm.flush()
+    ro = np.memmap(path, dtype=np.uint16, mode="r")
+    L = TokenLoader([ro], 2, 128, seed=0)
+    assert L.arrays[0] is ro  # never copied into memory
+    x = L.next_batch()["x"]
+    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(2, 127, dtype=torch.long))
+
+
+def test_doc_mask_resets_positions_at_bos():
+    a = np.array(([0] + [5] * 6) * 30, dtype=np.uint16)  # documents of 7 tokens starting with <|bos|>=0
+    b = TokenLoader([a], 2, 20, seed=0, doc_mask=True).next_batch()
+    x, pos, doc = b["x"], b["position_ids"], b["doc_ids"]
+    for r in range(2):
+        for t in range(20):
+            if x[r, t] == 0:
+                assert pos[r, t] == 0
+            if t > 0 and x[r, t] != 0:
+                assert pos[r, t] == pos[r, t - 1] + 1 and doc[r, t] == doc[r, t - 1]
+
+
+def test_from_dir_uses_shards(tmp_path):
+    shards = pytest.importorskip("chatforge.data.shards", reason="data/shards.py not written yet")
+    if not hasattr(shards, "write_shard"):
+        pytest.skip("shards.write_shard not available to build a fixture")
+    tokens = np.arange(1, 3000) % 100
+    try:
+        shards.write_shard(tmp_path / "shard_00000.bin", tokens, vocab_size=100, tokenizer_hash="x")
+    except TypeError as e:  # API differs from what this test guesses
+        pytest.skip(f"write_shard signature differs: {e}")
+    b = TokenLoader.from_dir(tmp_path, 2, 16).next_batch()
+    assert b["x"].shape == (2, 16)
+
+
+EXAMPLES = [([0, 11, 12, 13, 14], [0, 0, 1, 1, 1]), ([0, 21, 22], [0, 1, 1]),
+            ([0, 31, 32, 33, 34, 35, 36], [0, 0, 0, 1, 1, 1, 1]), ([0, 41, 42, 43], [0, 1, 0, 1])]
+
+
+def test_sft_targets_are_masked_next_tokens():
+    b = next(iter_sft_eval_batches(EXAMPLES, 4, 8, pad_id=99))
+    assert b["x"][0].tolist() == [0, 11, 12, 13, 99, 99, 99, 99]
+    assert b["y"][0].tolist() == [IGNORE, 12, 13, 14] + [IGNORE] * 4
+    assert b["y"][3].tolist()[:3] == [41, IGNORE, 43]
+
+
+def test_sft_packing_rows_and_doc_ids():
+    L = SFTLoader(EXAMPLES, 2, 12, pad_id=99, seed=0, pack=True)
+    b = L.next_batch()
+    # all 4 examples (4+2+6+3 = 15 inputs) fit in 2 rows of 12
+    real = (b["x"] != 99).sum().item()
+    assert real == 15
+    for r in range(2):
+        pos, doc = b["position_ids"][r], b["doc_ids"][r]
+        for t in range(1, 12):
+            assert (doc[t] == doc[t - 1] and pos[t] == pos[t - 1] + 1) or (doc[t] == doc[t - 1] + 1 and pos[t] == 0)
+    # unpacked: one example per row
+    u = SFTLoader(EXAMPLES, 4, 12, pad_id=99, seed=0, pack=False).next_batch()
+    assert "doc_ids" not in u and sorted((u["x"] != 99).sum(1).tolist()) == [2, 3, 4, 6]
+
+
+def test_sft_resume_and_ranks():
+    ex = [([0] + list(range(1, n)), [0] + [1] * (n - 1)) for n in range(3, 30)]
+    a = SFTLoader(ex, 2, 32, pad_id=0, seed=4)
+    for _ in range(7):
+        a.next_batch()
+    state = a.state_dict()
+    exp = [a.next_batch()["x"] for _ in range(10)]
+    b = SFTLoader(ex, 2, 32, pad_id=0, seed=4)
+    b.load_state_dict(state)
+    assert all(torch.equal(e, b.next_batch()["x"]) for e in exp)
+    single = SFTLoader(ex, 4, 32, pad_id=0, seed=4)
+    ranks = [SFTLoader(ex, 2, 32, pad_id=0, seed=4, rank=r, world=2) for r in range(2)]
+    for _ in range(5):
+        assert torch.equal(torch.cat([r.next_batch()["x"] for r in ranks]), single.next_batch()["x"])
+
+
+def test_packed_logits_match_unpacked():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, seq_len=16, vocab_size=50)).eval()
+    ex = [([0, 5, 6, 7, 8], [1] * 5), ([0, 9, 10, 11], [1] * 4)]
+    packed = SFTLoader(ex, 1, 16, pad_id=1, seed=0, pack=True).next_batch()
+    assert packed["doc_ids"][0, :7].tolist() in ([0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1])
+    with torch.no_grad():
+        lp = model(packed["x"], doc_ids=packed["doc_ids"], position_ids=packed["position_ids"])
+        first = 4 if packed["doc_ids"][0, 3] == 0 else 3  # where the second example starts
+        second_ids = packed["x"][0, first:first + (7 - first)]
+        alone = model(second_ids.unsqueeze(0))
+    torch.testing.assert_close(lp[0, first:7], alone[0], atol=1e-5, rtol=1e-5)
+    # and without doc_ids the second example would see the first (the test can fail)
+    with torch.no_grad():
+        leaky = model(packed["x"])
+    assert not torch.allclose(leaky[0, first:7], alone[0], atol=1e-3)
+
+
+def test_eval_batches_cover_split_in_order():
+    a = np.arange(1000, dtype=np.uint32)
+    batches = list(iter_eval_batches([a], 4, 10))
+    starts = [int(s) for b in batches for s in b["x"][:, 0]]
+    assert starts == list(range(0, 990, 10))
+    assert len(list(iter_eval_batches([a], 4, 10, max_batches=3))) == 3

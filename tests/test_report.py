@@ -1,0 +1,94 @@
+"""Report card: plots are real PNGs, tables carry values with standard errors, report.md/html are written."""
+import json
+import math
+
+from rich.console import Console
+
+from chatforge.report import compare_runs, format_table, plot_loss_curves, print_table, read_metrics, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_metrics(path, steps=50, start=5.0, scale=1.0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for s in range(1, steps + 1):
+        loss = start * scale * math.exp(-s / 20) + 1.0
+        lines.append({"kind": "train", "step": s, "loss": loss, "lr": 1e-3, "tokens": s * 1000,
+                      "tok_per_s": 1e4, "mfu": 0.1, "time": s * 0.1})
+        if s % 10 == 0:
+            lines.append({"kind": "val", "step": s, "val_loss": loss + 0.1, "train_loss": loss})
+    lines.append({"kind": "sample", "step": steps, "prompt": "Once", "text": "Once upon a time"})
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n{\"kind\": \"train\", \"st")  # torn last line
+    return path
+
+
+def is_png(path) -> bool:
+    data = path.read_bytes()
+    return data[:8] == PNG_MAGIC and len(data) > 1000 and data[12:16] == b"IHDR"
+
+
+def test_read_metrics_skips_torn_line(tmp_path):
+    recs = read_metrics(write_metrics(tmp_path / "m.jsonl", steps=20))
+    assert sum(r["kind"] == "train" for r in recs) == 20 and sum(r["kind"] == "val" for r in recs) == 2
+
+
+def test_plot_and_compare(tmp_path):
+    a = write_metrics(tmp_path / "a" / "pretrain" / "metrics.jsonl")
+    b = write_metrics(tmp_path / "b" / "pretrain" / "metrics.jsonl", scale=1.3)
+    out = plot_loss_curves({"a": a}, tmp_path / "loss.png", log_y=True)
+    assert is_png(out)
+    cmp = compare_runs(tmp_path / "a", tmp_path / "b", tmp_path / "cmp.png")
+    assert is_png(cmp)
+    assert is_png(plot_loss_curves({"none": tmp_path / "missing.jsonl"}, tmp_path / "empty.png"))
+
+
+def test_format_table_with_standard_errors():
+    rows = [{"model": "base", "split": "val", "loss": 2.5, "loss_se": 0.0123, "ppl": math.exp(2.5), "tokens": 12345},
+            {"model": "sft", "split": "val", "loss": 2.1, "ppl": math.exp(2.1), "acc": 0.4, "acc_se": float("nan")}]
+    md = format_table(rows, ["model", "split", "loss", "ppl", "acc", "bpb", "tokens"])
+    lines = md.splitlines()
+    assert lines[0] == "| model | split | loss | ppl | acc | tokens |"  # bpb is in no row: dropped
+    assert lines[2] == "| base | val | 2.5000 ± 0.0123 | 12.18 |  | 12,345 |"
+    assert lines[3] == "| sft | val | 2.1000 | 8.1662 | 0.4000 |  |"  # NaN se is left out
+
+
+def test_print_table_renders():
+    console = Console(record=True, width=120)
+    print_table([{"model": "base", "loss": 2.0, "loss_se": 0.1}], ["model", "loss"], title="Eval", console=console)
+    text = console.export_text()
+    assert "Eval" in text and "2.0000 ± 0.1000" in text
+
+
+def test_write_report(tmp_path):
+    run = tmp_path / "run"
+    write_metrics(run / "pretrain" / "metrics.jsonl")
+    write_metrics(run / "finetune" / "metrics.jsonl", steps=20, start=2.0)
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "manifest.json").write_text(json.dumps({"train": {"docs": 900, "bytes": 123456},
+                                                            "val": {"docs": 100}}))
+    sections = {
+        "config": {"model": {"n_layer": 2, "n_embd": 64}, "train": {"steps": 50}},
+        "tokenizer": {"kind": "bpe", "vocab_size": 512, "bytes_per_token": 3.1},
+        "evals": [{"model": "base", "split": "pretrain val", "loss": 2.5, "loss_se": 0.01, "ppl": 12.18,
+                   "acc": 0.3, "acc_se": 0.004, "top5": 0.6, "top5_se": 0.005, "bpb": 1.1, "tokens": 5000},
+                  {"model": "sft", "split": "sft val", "loss": 1.9, "loss_se": 0.02, "ppl": 6.69}],
+        "benchmarks": [{"model": "base", "task": "hellaswag", "acc": 0.26, "acc_se": 0.014, "acc_norm": 0.27,
+                        "random_baseline": 0.25, "n": 1000, "predictions": [{"pred": 0}]}],
+        "answers": [{"question": "What is 2+2?", "answer": "4\nfour"}],
+        "notes": ["tiny run"],
+    }
+    md_path = write_report(run, sections)
+    md = md_path.read_text()
+    assert md_path == run / "report.md"
+    assert "| model | split | loss | ppl | acc | top5 | bpb | tokens |" in md
+    assert "| base | pretrain val | 2.5000 ± 0.0100 | 12.18 | 0.3000 ± 0.0040 | 0.6000 ± 0.0050 | 1.1000 | 5,000 |" in md
+    assert "| base | hellaswag | 0.2600 ± 0.0140 | 0.2700 | 0.2500 | 1,000 |" in md  # no exact_match column
+    assert "| train.docs | 900 |" in md  # data stats from the manifest
+    assert "| model.n_layer | 2 |" in md and "| vocab_size | 512 |" in md
+    assert "**Q:** What is 2+2?" in md and "> 4\n> four" in md
+    for stage in ("pretrain", "finetune"):
+        assert f"]({stage}/loss.png)" in md
+        assert is_png(run / stage / "loss.png")
+    html = (run / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and 'src="pretrain/loss.png"' in html and "2+2" in html

@@ -1,0 +1,183 @@
+"""The OpenAI-compatible server, run for real (uvicorn on a free port) and driven by the official client."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from chatforge.config import ModelConfig, TokenizerConfig
+from chatforge.engine import Engine
+from chatforge.model import GPT
+from chatforge.serve import create_app
+from chatforge.tokenizer import Tokenizer
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, how are you today?"] * 5
+MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: one CPU thread is fastest, and avoids thrashing when the machine is shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """uvicorn in a background thread, stopped on exit."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    tok = Tokenizer.train(CORPUS, TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1))
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, seq_len=96, vocab_size=tok.vocab_size,
+                      init_std=0.2)
+    return Engine(GPT(cfg), tok)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with Server(create_app(engine, "tiny-test")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def expected(engine: Engine, msgs: list[dict], n: int) -> str:
+    ids, _ = engine.tok.render_chat(msgs, add_generation_prompt=True)
+    return "".join(engine.stream(ids, max_new_tokens=n, temperature=0, stop_ids=(engine.tok.end_id,
+                                                                                  engine.tok.eos_id)))
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny-test"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "tiny-test" in page.text and "getReader" in page.text
+
+
+def test_chat_non_stream_and_stream(engine, client):
+    r = client.chat.completions.create(model="tiny-test", messages=MSGS, max_tokens=12, temperature=0)
+    want = expected(engine, MSGS, 12)
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens == len(engine.tok.render_chat(MSGS, add_generation_prompt=True)[0])
+    chunks = list(client.chat.completions.create(model="tiny-test", messages=MSGS, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_completions(engine, client):
+    r = client.completions.create(model="tiny-test", prompt="The quick", max_tokens=8, temperature=0)
+    ids = engine.complete_prompt("The quick")
+    want = "".join(engine.stream(ids, max_new_tokens=8, temperature=0, stop_ids=(engine.tok.eos_id,)))
+    assert r.choices[0].text == want
+    streamed = client.completions.create(model="tiny-test", prompt="The quick", max_tokens=8, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == want
+
+
+def test_sse_wire_format(server):
+    with httpx.stream("POST", server.url + "/v1/chat/completions",
+                      json={"model": "x", "messages": MSGS, "max_tokens": 5, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    first = json.loads(events[0][6:])
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("body,param", [
+    (b"{not json", None),
+    (b'["a list"]', None),
+    (json.dumps({"messages": []}).encode(), "messages"),
+    (json.dumps({"model": "x"}).encode(), "messages"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), "messages[0].role"),
+    (json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), "messages[0].content"),
+    (json.dumps({"messages": MSGS, "max_tokens": 0}).encode(), "max_tokens"),
+    (json.dumps({"messages": MSGS, "max_tokens": 10_000}).encode(), "max_tokens"),
+    (json.dumps({"messages": MSGS, "temperature": "hot"}).encode(), "temperature"),
+    (json.dumps({"messages": [{"role": "user", "content": "fox " * 200}]}).encode(), "messages"),
+    (json.dumps({"messages": MSGS, "max_tokens": 90}).encode(), "max_tokens"),  # prompt + 90 > 96
+])
+def test_bad_requests_get_openai_errors(server, body, param):
+    r = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+    # The server keeps serving after every bad request.
+    ok = httpx.post(server.url + "/v1/chat/completions", json={"messages": MSGS, "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_context_error_code_and_unknown_route(server, client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "fox " * 200}])
+    assert e.value.code == "context_length_exceeded"
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_concurrent_requests(server):
+    def one(i: int) -> int:
+        body = {"messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 6, "stream": i % 2 == 0}
+        return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(one, range(12))) == [200] * 12
+
+
+def test_api_key(engine):
+    with Server(create_app(engine, "locked", api_key="s3cret")) as s:
+        assert httpx.get(s.url + "/health").status_code == 200  # health stays open for probes
+        r = httpx.get(s.url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        bad = openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
+        r = good.chat.completions.create(model="locked", messages=MSGS, max_tokens=3)
+        assert r.choices[0].message.role == "assistant"

@@ -1,0 +1,194 @@
+"""The training loop: real learning, grad accumulation, NaN handling, optimizers, schedules, resume guards."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from chatforge.config import ModelConfig, TrainConfig
+from chatforge.data.loader import SFTLoader, TokenLoader, iter_eval_batches
+from chatforge.errors import UserError
+from chatforge.model import GPT
+from chatforge.optim import build_optimizer, lr_lambda
+from chatforge.train import train
+
+torch.set_num_threads(2)
+
+
+def byte_corpus() -> tuple[np.ndarray, np.ndarray]:
+    """Real text: the stdlib's os.py as byte tokens (vocab 256, no tokenizer needed)."""
+    data = np.frombuffer(Path(os.__file__).read_bytes(), dtype=np.uint8).astype(np.uint16)
+    n = int(len(data) * 0.9)
+    return data[:n], data[n:]
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+    p = np.bincount(tokens, minlength=256) / len(tokens)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def tiny(vocab=256, seq=32, **kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(n_layer=2, n_head=2, n_kv_head=2, n_embd=48, seq_len=seq, vocab_size=vocab, **kw))
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_below_unigram_entropy(tmp_path):
+    tr, va = byte_corpus()
+    h = unigram_entropy(tr)
+    cfg = TrainConfig(steps=80, batch_size=16, lr=3e-3, warmup_steps=5, eval_every=40, log_every=10)
+    res = train(tiny(), cfg, TokenLoader([tr], 16, 32, seed=0), tmp_path,
+                val_batches=lambda: iter_eval_batches([va], 16, 32, max_batches=4), meta={"stage": "pretrain"})
+    assert res["step"] == 80 and res["skipped_steps"] == 0
+    assert res["final_val_loss"] < h - 0.2, (res, h)
+    recs = metrics(tmp_path)
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == list(range(10, 81, 10))
+    assert set(train_recs[0]) == {"kind", "step", "loss", "lr", "tokens", "tok_per_s", "mfu", "time"}
+    assert train_recs[-1]["tokens"] == 80 * 16 * 32 and train_recs[0]["mfu"] > 0
+    assert [r["step"] for r in recs if r["kind"] == "val"] == [40, 80]
+    assert res["best_val_loss"] == min(r["val_loss"] for r in recs if r["kind"] == "val")
+    assert (tmp_path / "ckpt" / "best.json").exists()
+
+
+def _sft_examples():
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(16):
+        n = int(rng.integers(4, 15))
+        ids = [0] + rng.integers(1, 40, n).tolist()
+        mask = [0] * (n // 2) + [1] * (n + 1 - n // 2)
+        out.append((ids, mask))
+    return out
+
+
+def test_grad_accumulation_1x8_equals_8x1(tmp_path):
+    """Token-weighted normalisation: examples of different lengths still give the same update."""
+    ex = _sft_examples()
+    params = []
+    for bs, acc in ((8, 1), (1, 8)):
+        model = tiny(vocab=40, seq=16)
+        cfg = TrainConfig(steps=2, batch_size=bs, grad_accum=acc, lr=1e-2, warmup_steps=0, eval_every=0,
+                          grad_clip=0.0, log_every=1)
+        train(model, cfg, SFTLoader(ex, bs, 16, pad_id=0, seed=0, pack=False), tmp_path / f"{bs}x{acc}",
+              val_batches=None, meta={})
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    init = torch.cat([p.detach().flatten() for p in tiny(vocab=40, seq=16).parameters()])
+    assert not torch.allclose(params[0], init)
+    torch.testing.assert_close(params[0], params[1], atol=1e-5, rtol=1e-4)  # Adam amplifies fp rounding a little
+
+
+class NaNOnce:
+    """A forward hook that poisons the output of one chosen call: a real NaN in the real loss."""
+
+    def __init__(self, at: set[int]):
+        self.calls, self.at = 0, at
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        return output * float("nan") if self.calls in self.at else output
+
+
+def test_nan_step_is_skipped_and_training_continues(tmp_path):
+    tr, _ = byte_corpus()
+    model = tiny()
+    model.register_forward_hook(NaNOnce({3}))
+    cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=0, eval_every=0, log_every=1)
+    logs: list[str] = []
+    res = train(model, cfg, TokenLoader([tr], 4, 32), tmp_path, val_batches=None, meta={}, log=logs.append)
+    assert res["skipped_steps"] == 1 and res["step"] == 6
+    assert any("skipped the update" in m for m in logs)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_too_many_bad_steps_stop_with_user_error(tmp_path):
+    tr, _ = byte_corpus()
+    model = tiny()
+    model.register_forward_hook(NaNOnce(set(range(100))))
+    cfg = TrainConfig(steps=20, batch_size=4, warmup_steps=0, eval_every=0, max_bad_steps=3)
+    with pytest.raises(UserError, match="NaN/Inf for 3 steps in a row"):
+        train(model, cfg, TokenLoader([tr], 4, 32), tmp_path, val_batches=None, meta={}, log=lambda m: None)
+
+
+@pytest.mark.parametrize("opt,lr", [("sgd", 0.3), ("muon", 0.02)])
+def test_other_optimizers_reduce_loss(tmp_path, opt, lr):
+    tr, _ = byte_corpus()
+    cfg = TrainConfig(steps=40, batch_size=8, optimizer=opt, lr=lr, warmup_steps=2, eval_every=0, log_every=5)
+    train(tiny(), cfg, TokenLoader([tr], 8, 32, seed=0), tmp_path, val_batches=None, meta={})
+    losses = [r["loss"] for r in metrics(tmp_path)]
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_muon_groups_and_state_dict():
+    model = tiny()
+    opt = build_optimizer(model, TrainConfig(optimizer="muon"))
+    muon = [g for g in opt.param_groups if g["use_muon"]][0]["params"]
+    assert id(model.embed_tokens.weight) not in {id(p) for p in muon}  # embeddings/head stay on AdamW
+    assert len(muon) == 2 * 7  # q,k,v,o,gate,up,down per layer
+    x = torch.randint(0, 256, (2, 32))
+    model(x).logsumexp(-1).mean().backward()
+    opt.step()
+    sd = opt.state_dict()
+    opt2 = build_optimizer(tiny(), TrainConfig(optimizer="muon"))
+    opt2.load_state_dict(sd)
+    assert len(opt2.state) == len(opt.state)
+
+
+def test_weight_decay_only_on_matrices():
+    opt = build_optimizer(tiny(), TrainConfig(weight_decay=0.1))
+    for g in opt.param_groups:
+        assert all(p.dim() >= 2 for p in g["params"]) if g["weight_decay"] > 0 else \
+            all(p.dim() < 2 for p in g["params"])
+
+
+def test_schedules():
+    c = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    f = lr_lambda(c)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1) and 0.1 < f(55) < 1.0
+    w = lr_lambda(TrainConfig(steps=100, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0))
+    assert w(50) == 1.0 and w(79) == 1.0 and w(90) == pytest.approx(0.5) and w(100) == pytest.approx(0.0)
+    k = lr_lambda(TrainConfig(steps=100, warmup_steps=0, schedule="constant"))
+    assert k(0) == k(99) == 1.0
+    with pytest.raises(UserError, match="schedule"):
+        lr_lambda(TrainConfig(schedule="linear"))
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    tr, _ = byte_corpus()
+    cfg = TrainConfig(steps=2, batch_size=2, eval_every=0)
+    train(tiny(), cfg, TokenLoader([tr], 2, 32), tmp_path, val_batches=None, meta={})
+    other = GPT(ModelConfig(n_layer=1, n_head=2, n_kv_head=2, n_embd=48, seq_len=32, vocab_size=256))
+    with pytest.raises(UserError, match="model config differs"):
+        train(other, cfg, TokenLoader([tr], 2, 32), tmp_path, val_batches=None, meta={}, resume=True)
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(tiny(), cfg, TokenLoader([tr], 2, 32), tmp_path / "new", val_batches=None, meta={}, resume=True)
+
+
+def test_activation_checkpointing_gives_same_losses(tmp_path):
+    tr, _ = byte_corpus()
+    out = []
+    for ac in (False, True):
+        cfg = TrainConfig(steps=3, batch_size=4, eval_every=0, log_every=1, activation_checkpointing=ac)
+        train(tiny(), cfg, TokenLoader([tr], 4, 32), tmp_path / str(ac), val_batches=None, meta={})
+        out.append([r["loss"] for r in metrics(tmp_path / str(ac))])
+    assert out[0] == pytest.approx(out[1], abs=1e-5)
+
+
+def test_overfitting_warning(tmp_path):
+    """A tiny train set memorised for many steps: val rises while train falls."""
+    tr, va = byte_corpus()
+    cfg = TrainConfig(steps=120, batch_size=8, lr=1e-2, warmup_steps=0, eval_every=15, log_every=5,
+                      schedule="constant", weight_decay=0.0)
+    logs: list[str] = []
+    train(tiny(seq=16), cfg, TokenLoader([tr[:400]], 8, 16), tmp_path,
+          val_batches=lambda: iter_eval_batches([va], 16, 16, max_batches=2), meta={}, log=logs.append)
+    assert any("overfitting" in m for m in logs), [r for r in metrics(tmp_path) if r["kind"] == "val"]

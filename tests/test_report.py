@@ -92,3 +92,20 @@ def test_write_report(tmp_path):
         assert is_png(run / stage / "loss.png")
     html = (run / "report.html").read_text()
     assert html.startswith("<!doctype html>") and 'src="pretrain/loss.png"' in html and "2+2" in html
+
+
+def test_table_drops_list_columns_and_shown_se_columns():
+    rows = [{"model": "m", "task": "hellaswag", "acc": 0.5, "acc_se": 0.1, "n": 4, "predictions": [{"pred": 1}]},
+            {"model": "m", "task": "gsm8k", "exact_match": 0.25, "se": 0.05, "n": 4, "samples": [{"reply": "x"}]}]
+    md = format_table(rows, sorted({k for r in rows for k in r}))  # what a CLI passing every key does
+    header = md.splitlines()[0]
+    assert header == "| acc | exact_match | model | n | task |"
+    assert "0.5000 ± 0.1000" in md and "0.2500 ± 0.0500" in md
+
+
+def test_relative_plot_paths_are_inside_the_run(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    plot_loss_curves({"a": write_metrics(run / "pretrain" / "metrics.jsonl")}, run / "loss.png")
+    monkeypatch.chdir(tmp_path)  # the working directory is not the run
+    md = write_report(run, {"plots": ["loss.png"]}).read_text()
+    assert "](loss.png)" in md

@@ -32,7 +32,26 @@ class DataConfig:
     remove_stopwords: bool = False  # off by default: removing words makes the model write broken text
     near_dedup: bool = False  # MinHash LSH near-duplicate removal (datasketch)
     near_dedup_threshold: float = 0.8
-    workers: int = 1
+    workers: int = 1  # >1: a process pool cleans and filters; output is byte-identical to workers=1
+    # --- added for issue 5 (data/quality.py, data/merge.py) ---
+    near_dedup_ngram: int = 5  # MinHash shingle size in words
+    near_dedup_num_perm: int = 128  # MinHash permutations (more: slower, more precise)
+    weights: list[float] = field(default_factory=list)  # one per input: 2 = train docs twice, 0.5 = half
+    mask_pii: bool = False  # replace e-mail and IP addresses with <EMAIL> / <IP>
+    # Gopher-style quality rules. Off by default: they are written for web prose and drop Python source
+    # (comments start with '#', lines repeat). Each threshold below is ignored when 0.
+    quality_filters: bool = False
+    min_words: int = 50
+    max_words: int = 100_000
+    min_mean_word_length: float = 3.0
+    max_mean_word_length: float = 10.0
+    min_alpha_ratio: float = 0.6  # alphabetic / non-space characters
+    max_symbol_ratio: float = 0.1  # ('#' + '...') per word
+    max_duplicate_line_fraction: float = 0.3  # chars in lines repeating an earlier line
+    max_repeated_ngram_fraction: float = 0.15  # chars covered by word n-grams seen twice or more
+    repeated_ngram_size: int = 5
+    languages: list[str] = field(default_factory=list)  # e.g. [en]; needs langid or langdetect installed
+    min_language_score: float = 0.5
 
 
 @dataclass

@@ -140,18 +140,18 @@ def format_cell(row: dict, col: str) -> str:
 
 
 def _columns(rows: Sequence[dict], columns: Sequence[str] | None) -> list[str]:
-    if columns is not None:
-        return list(columns)
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols and not k.endswith("_se") and k != "se"
-                 and not isinstance(r[k], (list, dict))]
-    return cols
+    """Columns to show: the given ones (or every key, in order of appearance) that some row holds as a
+    scalar; `x_se` / `se` columns are dropped when their metric is shown, since the cell reads "x ± se"."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    cols = [c for c in columns if any(c in r and not isinstance(r[c], (list, dict)) for r in rows)]
+    shown = set(cols)
+    return [c for c in cols if not (c.endswith("_se") and c[:-3] in shown) and not (c == "se" and "exact_match" in shown)]
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
     """A markdown table; columns absent from every row are dropped."""
-    cols = [c for c in _columns(rows, columns) if any(c in r for r in rows)]
+    cols = _columns(rows, columns)
     if not cols:
         return ""
 
@@ -169,7 +169,7 @@ def print_table(rows: Sequence[dict], columns: Sequence[str] | None = None, titl
     from rich.console import Console
     from rich.table import Table
 
-    cols = [c for c in _columns(rows, columns) if any(c in r for r in rows)]
+    cols = _columns(rows, columns)
     table = Table(title=title)
     for c in cols:
         table.add_column(c, justify="left" if c in ("model", "split", "task") else "right")
@@ -224,7 +224,7 @@ def write_report(run_dir: str | Path, sections: dict) -> Path:
     """Write run_dir/report.md and run_dir/report.html; returns the markdown path.
 
     sections (all optional): title, config (dict), data (dict; default run_dir/data/manifest.json),
-    tokenizer (dict), plots (list of PNG paths or {label: path}; default: loss curves drawn from each
+    tokenizer (dict), plots (PNG paths, relative ones inside run_dir, as a list or {label: path}; default: loss curves drawn from each
     stage's metrics.jsonl), evals (rows {model, split, loss, loss_se, ppl, acc, ...}), benchmarks
     (rows {model, task, acc, acc_norm, exact_match, ...}), answers ([{question, answer}]), samples
     ([{prompt, text}]), notes ([str]).
@@ -261,7 +261,7 @@ def write_report(run_dir: str | Path, sections: dict) -> Path:
     if plots:
         md += ["## Loss curves", ""]
         for label, p in plots.items():
-            p = Path(p)
+            p = Path(p) if Path(p).is_absolute() else run_dir / p  # relative paths are inside the run
             try:
                 rel = p.resolve().relative_to(run_dir.resolve())
             except ValueError:

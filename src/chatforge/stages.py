@@ -388,7 +388,7 @@ def _engine(paths: RunPaths, stage: str, which: str):
     from .engine import Engine
     from .tokenizer import Tokenizer
     model, meta, ckpt = _load(paths, stage, which)
-    return Engine(model, Tokenizer.load(paths.tokenizer))
+    return Engine(model, Tokenizer.load(paths.tokenizer), device="auto")
 
 
 def chat(cfg: Config, paths: RunPaths, stage="auto", which="best", system: str | None = None) -> None:

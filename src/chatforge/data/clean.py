@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from html.parser import HTMLParser
 
 # C0/C1 control characters except \t (09) and \n (0a). \r is handled before (line endings -> \n).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -61,3 +62,72 @@ def transform(text: str, lowercase: bool = False, stopwords: bool = False) -> st
     if stopwords:
         text = clean_text(remove_stopwords(text))
     return text
+
+
+# ------------------------------------------------------------------------------------------- HTML
+
+_SKIP_TAGS = {"script", "style", "noscript", "template", "svg", "head", "iframe", "object"}
+# Tags that end a line of text; everything else (a, b, span, ...) is inline.
+_BLOCK_TAGS = {"p", "div", "br", "hr", "li", "ul", "ol", "tr", "table", "section", "article", "header",
+               "footer", "nav", "aside", "main", "blockquote", "pre", "h1", "h2", "h3", "h4", "h5", "h6",
+               "dd", "dt", "dl", "figure", "figcaption", "form", "title", "body", "html"}
+_PARAGRAPH_TAGS = {"p", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "table", "blockquote", "ul", "ol"}
+_WS_RUN = re.compile(r"\s+")
+_VOID_TAGS = {"br", "hr", "img", "input", "meta", "link", "area", "base", "col", "embed", "source", "wbr"}
+
+
+class _TextExtractor(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skip = 0  # depth inside script/style/...
+        self.pre = 0  # depth inside <pre>: whitespace is content there
+
+    def _break(self, n: int) -> None:
+        """End the current line (n=1) or paragraph (n=2); consecutive breaks merge instead of stacking."""
+        if not self.parts:
+            return
+        last = self.parts[-1]
+        if last.strip("\n") == "":
+            self.parts[-1] = "\n" * max(n, len(last))
+        else:
+            self.parts[-1] = last.rstrip(" ")
+            self.parts.append("\n" * n)
+
+    def handle_starttag(self, tag: str, attrs) -> None:
+        if tag in _SKIP_TAGS and tag not in _VOID_TAGS:
+            self.skip += 1
+        if tag in _BLOCK_TAGS:
+            self._break(2 if tag in _PARAGRAPH_TAGS else 1)
+        elif tag in ("td", "th") and self.parts and not self.parts[-1].endswith("\n"):
+            self.parts.append(" ")
+        if tag == "pre":
+            self.pre += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _SKIP_TAGS and self.skip:
+            self.skip -= 1
+        if tag == "pre" and self.pre:
+            self.pre -= 1
+        if tag in _BLOCK_TAGS:
+            self._break(2 if tag in _PARAGRAPH_TAGS else 1)
+
+    def handle_data(self, data: str) -> None:
+        if self.skip:
+            return
+        if not self.pre:  # HTML collapses whitespace outside <pre>
+            data = _WS_RUN.sub(" ", data)
+            if not self.parts or self.parts[-1].endswith("\n"):
+                data = data.lstrip(" ")
+            if not data:
+                return
+        self.parts.append(data)
+
+
+def html_to_text(html: str) -> str:
+    """Visible text of an HTML page: script/style/head dropped, block elements on their own lines, entities
+    decoded, <pre> kept verbatim. The standard library's tolerant parser copes with broken markup."""
+    parser = _TextExtractor()
+    parser.feed(html)
+    parser.close()
+    return "".join(parser.parts).strip()

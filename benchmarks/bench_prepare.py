@@ -108,6 +108,18 @@ def main() -> None:
         t_e2e = time.perf_counter() - t
         print(f"prepare_corpus  : {mb / t_e2e:8.1f} MB/s  ({t_e2e:.2f} s end to end: read JSONL, write zstd; "
               f"train/val = {m['splits']['train']['documents']}, {m['splits']['val']['documents']})")
+        for workers in (2,):
+            t = time.perf_counter()
+            prepare_corpus(DataConfig(inputs=[str(src)], min_chars=MIN_CHARS, val_fraction=VAL, workers=workers),
+                           Path(tmp) / f"out{workers}")
+            t_w = time.perf_counter() - t
+            print(f"  workers={workers}     : {mb / t_w:8.1f} MB/s  ({t_w:.2f} s; byte-identical output)")
+        t = time.perf_counter()
+        m = prepare_corpus(DataConfig(inputs=[str(src)], min_chars=MIN_CHARS, val_fraction=VAL, near_dedup=True),
+                           Path(tmp) / "near")
+        t_near = time.perf_counter() - t
+        print(f"  + near-dedup   : {mb / t_near:8.1f} MB/s  ({t_near:.2f} s end to end, MinHash LSH 128 perms; "
+              f"{m['dropped'].get('near_duplicate', {}).get('documents', 0)} near copies dropped)")
 
     try:
         import datasets  # noqa: F401

@@ -1,23 +1,25 @@
-"""Tokenizer benchmark: training time, compression, and text -> token throughput.
+"""Tokenizer benchmark: training time, compression, and text -> token shard throughput.
 
-    python benchmarks/bench_tokenizer.py [--mb 10] [--vocab 4096]
+    python benchmarks/bench_tokenizer.py [--mb 10] [--vocab 4096] [--repeat 5]
 
-Corpus: English text from /work/shared/data (TinyStories subsets + tinyshakespeare; never heldout/), cut into
+Corpus: English text from ../shared/data (TinyStories subsets + tinyshakespeare; never heldout/), cut into
 documents and repeated up to --mb MB. Documents are split 90/10; compression (bytes per token) is measured on
 the 10% neither tokenizer was trained on.
 
-Compared:
+Compared, each in --repeat interleaved rounds (best and median reported; the machine is shared, so the load
+average is printed too, and CPU-seconds, which load inflates far less than wall time):
 - training: chatforge's Tokenizer.train (GPT-4 split regex, byte-level BPE) vs HF's ByteLevelBPETokenizer in
   its default setup (GPT-2 regex, same vocab size and min_frequency), both on the same text;
-- throughput: chatforge write_shards (encode + write .bin/.idx) with workers=0 and workers=1, the raw HF
-  encode_batch it is built on, and tiktoken. tiktoken's gpt2 vocab needs a download; when it is not cached
-  (no internet) tiktoken runs with *our* vocabulary and regex (same ids, checked), which is the fairer engine
-  comparison anyway.
+- throughput: chatforge write_shards (encode + write .bin/.idx) with workers=0 (all cores) and 1, against
+  the peers: HF tokenizers' encode_batch (what write_shards used before) and tiktoken's
+  encode_ordinary_batch with our vocabulary and regex (tiktoken's gpt2 files need a download).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -27,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from chatforge.config import TokenizerConfig  # noqa: E402
-from chatforge.data.shards import write_shards  # noqa: E402
-from chatforge.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer  # noqa: E402
+from chatforge.data.shards import open_shards, write_shards  # noqa: E402
+from chatforge.tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, available_cores,  # noqa: E402
+                                 compression_report)
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -52,113 +55,111 @@ def mb(texts: list[str]) -> float:
     return sum(len(t.encode()) for t in texts) / 1e6
 
 
-def timed(fn, repeat: int = 1):
-    best, out = float("inf"), None
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def rounds(methods: dict, repeat: int) -> dict:
+    """Run every method `repeat` times, round-robin (a load burst then hits all of them alike)."""
+    res = {k: {"wall": [], "cpu": [], "out": None} for k in methods}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
-def tiktoken_encoding(tok: Tokenizer):
-    import tiktoken
-    try:
-        return "tiktoken gpt2", tiktoken.get_encoding("gpt2")
-    except Exception:  # noqa: BLE001 - no network / no cache
-        ranks = {b: i for i, b in enumerate(tok.token_bytes()) if i >= len(SPECIAL_TOKENS)}
-        # tiktoken's regex engine (fancy-regex) spells the same pattern the same way
-        enc = tiktoken.Encoding("chatforge", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={})
-        return "tiktoken (our vocab)", enc
+        for label, fn in methods.items():
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            res[label]["out"] = fn()
+            res[label]["wall"].append(time.perf_counter() - t0)
+            res[label]["cpu"].append(cpu_seconds() - c0)
+    return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=10.0, help="corpus size in MB (documents repeated to reach it)")
     ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--repeat", type=int, default=2, help="best of N timings for throughput")
+    ap.add_argument("--repeat", type=int, default=5, help="interleaved rounds per measurement")
     args = ap.parse_args()
     if not (DATA / "tinyshakespeare.txt").is_file():
         sys.exit(f"no data at {DATA}")
+    import tiktoken
+    from tokenizers import ByteLevelBPETokenizer
 
     base = load_docs()
     n_test = len(base) // 10
     test_docs, train_base = base[:n_test], base[n_test:]
-    train_docs: list[str] = []
-    while mb(train_docs) < args.mb:
-        train_docs += train_base
-    # Trim to the requested size for the training benchmark.
-    size, cut = 0, 0
-    for cut, d in enumerate(train_docs):
-        size += len(d.encode())
-        if size >= args.mb * 1e6:
-            break
-    train_docs = train_docs[: cut + 1]
-    cpus = os.cpu_count()
-    print(f"corpus: {len(base)} unique documents ({mb(base):.1f} MB unique), train text {mb(train_docs):.1f} MB, "
-          f"test {mb(test_docs):.2f} MB, vocab {args.vocab}, {cpus} CPUs\n")
+    docs: list[str] = []
+    size = 0
+    while size < args.mb * 1e6:
+        for d in train_base:
+            docs.append(d)
+            size += len(d.encode())
+            if size >= args.mb * 1e6:
+                break
+    size_mb = size / 1e6
+    cores = available_cores()
+    print(f"corpus: {len(base)} unique documents ({mb(base):.1f} MB), train/encode text {size_mb:.1f} MB "
+          f"({len(docs)} documents), test {mb(test_docs):.2f} MB; vocab {args.vocab}; {cores} cores; "
+          f"load average {os.getloadavg()[0]:.1f}\n")
 
     # ---- training ----
     cfg = TokenizerConfig(vocab_size=args.vocab, min_frequency=2)
-    t_ours, tok = timed(lambda: Tokenizer.train(train_docs, cfg))
-    from tokenizers import ByteLevelBPETokenizer
 
     def train_ref():
         ref = ByteLevelBPETokenizer()
-        ref.train_from_iterator(train_docs, vocab_size=args.vocab, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+        ref.train_from_iterator(docs, vocab_size=args.vocab, min_frequency=2, special_tokens=SPECIAL_TOKENS,
                                 show_progress=False)
         return ref
-    t_ref, ref = timed(train_ref)
-
-    test_bytes = mb(test_docs) * 1e6
-    ours_tokens = sum(len(x) for x in tok.encode_batch(test_docs))
+    tr = rounds({"chatforge Tokenizer.train": lambda: Tokenizer.train(docs, cfg),
+                 "HF ByteLevelBPETokenizer (reference)": train_ref}, max(1, args.repeat // 2))
+    tok, ref = tr["chatforge Tokenizer.train"]["out"], tr["HF ByteLevelBPETokenizer (reference)"]["out"]
+    print(f"training on {size_mb:.1f} MB ({len(tr['chatforge Tokenizer.train']['wall'])} rounds)")
+    print(f"{'tokenizer':40s} {'best s':>7s} {'median s':>9s} {'cpu s':>6s}")
+    for label, r in tr.items():
+        print(f"{label:40s} {min(r['wall']):7.2f} {statistics.median(r['wall']):9.2f} {min(r['cpu']):6.2f}")
+    ours = compression_report(tok, test_docs)
     ref_tokens = sum(len(e.ids) for e in ref.encode_batch(test_docs))
-    print("training + compression (held-out 10% of documents)")
-    print(f"{'tokenizer':38s} {'train s':>8s} {'bytes/token':>12s}")
-    print(f"{'chatforge (GPT-4 regex, byte BPE)':38s} {t_ours:8.2f} {test_bytes / ours_tokens:12.3f}")
-    print(f"{'HF ByteLevelBPETokenizer (default)':38s} {t_ref:8.2f} {test_bytes / ref_tokens:12.3f}")
-    name, enc = tiktoken_encoding(tok)
-    if name == "tiktoken gpt2":
-        gpt2_tokens = sum(len(x) for x in enc.encode_ordinary_batch(test_docs))
-        print(f"{'tiktoken gpt2 (50k vocab, reference)':38s} {'-':>8s} {test_bytes / gpt2_tokens:12.3f}")
-    print(f"ratio: chatforge compresses {ref_tokens / ours_tokens:.3f}x vs reference (>1 = fewer tokens); "
-          f"trains in {t_ours / t_ref:.2f}x its time\n")
+    print(f"\ncompression on the held-out {mb(test_docs):.2f} MB: chatforge {ours['bytes_per_token']:.3f} bytes/token, "
+          f"HF ByteLevelBPETokenizer {ours['bytes'] / ref_tokens:.3f} "
+          f"(ratio {ours['bytes_per_token'] / (ours['bytes'] / ref_tokens):.3f}; >1 = chatforge needs fewer tokens)")
+    print(f"fast encoder: {tok.fast_backend} {tok.fast_note}\n")
 
     # ---- throughput ----
-    # Methods run round-robin and each keeps its best round: on a shared machine, load bursts then hit every
-    # method alike instead of whichever happened to run during one.
-    docs = train_docs
-    size_mb = mb(docs)
-    hf = tok.hf  # the HF tokenizer underneath: the floor for our encode cost
-    n_docs = len(docs)
+    ranks = {b: i for i, b in enumerate(tok.token_bytes()) if i >= len(SPECIAL_TOKENS)}
+    tik = tiktoken.Encoding("chatforge", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={})
     tmp = tempfile.TemporaryDirectory()
+    hf = tok.hf
+    n_docs = len(docs)
     methods = {
-        "chatforge write_shards workers=0": lambda: write_shards(tok, docs, Path(tmp.name) / "w0", workers=0)["tokens"],
+        "chatforge write_shards workers=0 (all cores)":
+            lambda: write_shards(tok, docs, Path(tmp.name) / "w0", workers=0)["tokens"],
         "chatforge write_shards workers=1": lambda: write_shards(tok, docs, Path(tmp.name) / "w1", workers=1)["tokens"],
-        "chatforge Tokenizer.encode_batch": lambda: sum(map(len, tok.encode_batch(docs))) + n_docs,
-        # ids pulled into Python lists inside the timing: every consumer needs them
-        "HF tokenizers encode_batch_fast": lambda: sum(
-            len(e.ids) for e in hf.encode_batch_fast(docs, add_special_tokens=False)) + n_docs,
-        "HF tokenizers encode_batch": lambda: sum(
+        # peers: ids pulled into Python lists inside the timing (every consumer needs them); +1 per doc = <|bos|>
+        "HF tokenizers encode_batch (all cores)": lambda: sum(
             len(e.ids) for e in hf.encode_batch(docs, add_special_tokens=False)) + n_docs,
-        f"{name} encode_ordinary_batch": lambda: sum(map(len, enc.encode_ordinary_batch(docs))) + n_docs,
+        f"tiktoken encode_ordinary_batch (threads={cores})": lambda: sum(
+            map(len, tik.encode_ordinary_batch(docs, num_threads=cores))) + n_docs,
     }
-    best = {k: float("inf") for k in methods}
-    ntok = {}
-    for _ in range(args.repeat):
-        for label, fn in methods.items():
-            t, ntok[label] = timed(fn)
-            best[label] = min(best[label], t)
+    res = rounds(methods, args.repeat)
+    tmp_out = Path(tmp.name) / "check"
+    write_shards(tok, docs, tmp_out, workers=0)
+    (shard,) = open_shards(tmp_out, tok_hash=tok.hash)
+    check = docs[:3000]
+    ends = list(shard.doc_starts[1:len(check)]) + [shard.doc_starts[len(check)]]
+    same = all(shard.tokens[a + 1:b].tolist() == tok.encode(t) for t, a, b in zip(check, shard.doc_starts, ends))
     tmp.cleanup()
-    same = enc.encode_ordinary_batch(docs[:500]) == tok.encode_batch(docs[:500])
+    counts = {r["out"] for r in res.values()}
 
-    print(f"throughput on {size_mb:.1f} MB (best of {args.repeat} interleaved rounds)")
-    print(f"{'path':52s} {'seconds':>8s} {'MB/s':>8s} {'Mtok/s':>8s} {'vs shards':>10s}")
-    base_t = best["chatforge write_shards workers=0"]
-    for label, t in best.items():
-        print(f"{label:52s} {t:8.2f} {size_mb / t:8.2f} {ntok[label] / t / 1e6:8.2f} {base_t / t:9.2f}x")
-    if name != "tiktoken gpt2":
-        print(f"tiktoken with our vocab gives {'identical' if same else 'DIFFERENT'} ids on the first 500 documents")
+    hf_best = min(res["HF tokenizers encode_batch (all cores)"]["wall"])
+    tik_best = min(res[f"tiktoken encode_ordinary_batch (threads={cores})"]["wall"])
+    print(f"text -> tokens on {size_mb:.1f} MB, {args.repeat} interleaved rounds; load average now "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"{'path':48s} {'best MB/s':>9s} {'median':>7s} {'cpu s':>6s} {'vs HF':>6s} {'vs tiktoken':>11s}")
+    for label, r in res.items():
+        best, med = min(r["wall"]), statistics.median(r["wall"])
+        print(f"{label:48s} {size_mb / best:9.2f} {size_mb / med:7.2f} {min(r['cpu']):6.2f} "
+              f"{hf_best / best:5.2f}x {tik_best / best:10.2f}x")
+    print(f"token counts agree across methods: {len(counts) == 1}; shard ids equal Tokenizer.encode (HF) on the "
+          f"first {len(check)} documents: {same}")
+
 
 if __name__ == "__main__":
     main()

@@ -16,10 +16,11 @@ def cli(*args, cwd=None):
 def assert_user_error(r, *needles):
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, r.stderr
+    # Warnings (e.g. "empty file, skipped") may come first; the error itself is exactly one line.
+    errors = [l for l in r.stderr.splitlines() if "error:" in l]
+    assert len(errors) == 1 and r.stderr.rstrip().endswith(errors[0]), r.stderr
     for n in needles:
-        assert n in lines[0], lines[0]
+        assert n in errors[0], errors[0]
 
 
 def test_every_subcommand_has_help():

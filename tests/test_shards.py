@@ -138,3 +138,29 @@ def test_real_corpus_if_present(tok, tmp_path):
     (s,) = open_shards(tmp_path, tok_hash=tok.hash)
     assert stats["docs"] == len(paras) and stats["mb_per_s"] > 0
     assert tok.decode(s.tokens.tolist()) == "".join(paras)
+
+
+def test_shard_ids_equal_tokenizer_encode(tok, docs, tmp_path):
+    # The fast encoder writes the shards; the HF tokenizer (Tokenizer.encode) is the reference.
+    odd = ["", "a<|bos|>b", "x\ud800y", "  spaced  out  ", "Grüße 😀 日本語"]
+    write_shards(tok, docs + odd, tmp_path, shard_tokens=25_000)
+    shards = open_shards(tmp_path, tok_hash=tok.hash)
+    got = []
+    for s in shards:
+        ends = list(s.doc_starts[1:]) + [len(s.tokens)]
+        got += [s.tokens[a + 1:b].tolist() for a, b in zip(s.doc_starts, ends)]
+    assert got == [tok.encode(d) for d in docs + odd]
+    stats = write_shards(tok, odd, tmp_path / "odd")
+    assert stats["bytes_in"] == sum(len(d.encode("utf-8", "replace")) for d in odd) + 2  # surrogate -> U+FFFD
+
+
+def test_token_counts_match_the_shards(tok, docs, tmp_path):
+    from chatforge.embeddings import token_counts
+    write_shards(tok, docs, tmp_path, shard_tokens=20_000)
+    flat = np.concatenate([s.tokens for s in open_shards(tmp_path)])
+    counts = token_counts(tmp_path, tok.vocab_size, chunk=777)  # small chunks: the chunked path is exercised
+    assert counts.dtype == np.int64 and counts.shape == (tok.vocab_size,)
+    assert np.array_equal(counts, np.bincount(flat, minlength=tok.vocab_size))
+    assert counts[tok.bos_id] == len(docs) and counts.sum() == len(flat)
+    with pytest.raises(UserError, match="vocab 400"):
+        token_counts(tmp_path, 512)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+
+import numpy as np
 import sysconfig
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 
 from chatforge.config import TokenizerConfig
 from chatforge.errors import UserError
-from chatforge.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, IncrementalDecoder, Tokenizer
+from chatforge.tokenizer import CHAT_TEMPLATE, PROBE_TEXT, SPECIAL_TOKENS, IncrementalDecoder, Tokenizer
 
 
 def stdlib_texts(limit: int = 300_000) -> list[str]:
@@ -360,3 +362,158 @@ def test_plot_projection_writes_png(tok, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     plot_projection(emb, tok, tmp_path / "emb2.png", n=40)
     assert (tmp_path / "emb2.png").is_file()
+
+
+# ---- fast bulk encoder (tiktoken for BPE, lookup table for char) must give HF's ids ------------
+
+MIXED = [
+    "Grüße aus Köln! Ça va? naïve café, 日本語のテキストです。한국어 텍스트. Ελληνικά και русский текст.",
+    "emoji 😀👍🏽👨‍👩‍👧 and flags 🇫🇷🇯🇵; maths ∑∫√ ½ ² ٣٤٥ १२३; accents e\u0301 a\u0308\u0323",
+] * 40
+
+
+@pytest.fixture(scope="module")
+def uni_tok() -> Tokenizer:
+    """A BPE vocabulary with many multi-byte merges (CJK, emoji, accents), where byte order subtleties live."""
+    return Tokenizer.train(stdlib_texts(60_000) + MIXED, TokenizerConfig(kind="bpe", vocab_size=700))
+
+
+def _hf_ids(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in tok.hf.encode_batch([t.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+                                                 for t in texts], add_special_tokens=False)]
+
+
+def test_fast_backends_are_in_use(tok, uni_tok, char_tok):
+    pytest.importorskip("tiktoken")
+    assert tok.fast_backend == "tiktoken" and uni_tok.fast_backend == "tiktoken" and tok.fast_note == ""
+    assert char_tok.fast_backend == "lut"
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=200), hard_text, special_soup), min_size=1, max_size=6))
+def test_fast_path_equals_hf(tok, uni_tok, texts):
+    for t in (tok, uni_tok):
+        assert t.encode_batch(texts) == _hf_ids(t, texts) == [t.encode(x) for x in texts]
+
+
+@pytest.mark.parametrize("text", [PROBE_TEXT,
+                                  "a<|bos|>b", "<|bos|>", "x\ud800y \udc00", "\ud83d\ude00 pair", "", "   ", "\n\n",
+                                  "It'S 'll 'ſ DON'T", "x" * 5000, " \u00a0\u3000\u2028 \t\r\n"])
+def test_fast_path_edge_cases(tok, uni_tok, text):
+    for t in (tok, uni_tok):
+        ids, starts = t.encode_documents([text, text])
+        assert starts.tolist() == [0, len(ids) // 2] and ids[0] == t.bos_id
+        assert ids[1:len(ids) // 2].tolist() == t.encode(text)
+
+
+def test_fast_path_every_unicode_class(uni_tok):
+    # A stride through all of Unicode, each code point after a letter, a digit, a space and itself: the split
+    # regex must classify it alike in tiktoken's engine and HF's (Oniguruma).
+    cps = [chr(c) for c in range(0, 0x110000, 23) if not 0xD800 <= c <= 0xDFFF]
+    docs = ["".join(f"a{c}b {c}1 {c}{c}'s\n" for c in cps[i:i + 400]) for i in range(0, len(cps), 400)]
+    assert uni_tok.encode_batch(docs) == _hf_ids(uni_tok, docs)
+
+
+def test_encode_documents_layout_and_threads(uni_tok):
+    texts = MIXED[:10] + ["", "<|bos|> literal"] + stdlib_texts(30_000)
+    one = uni_tok.encode_documents(texts, threads=1)
+    many = uni_tok.encode_documents(texts, threads=3)
+    assert np.array_equal(one[0], many[0]) and np.array_equal(one[1], many[1])
+    ids, starts = one
+    assert ids.dtype == np.uint32 and starts.dtype == np.int64 and len(starts) == len(texts)
+    ends = list(starts[1:]) + [len(ids)]
+    assert [ids[a + 1:b].tolist() for a, b in zip(starts, ends)] == [uni_tok.encode(t) for t in texts]
+
+
+def test_verify_fast_falls_back_on_disagreement(tok):
+    tiktoken = pytest.importorskip("tiktoken")
+    t = Tokenizer(tok.hf, "bpe", json_text=tok.hf.to_str(pretty=True))
+    assert t.fast_backend == "tiktoken"
+    # A real tiktoken engine with the wrong split regex: it must be caught, and HF used from then on.
+    ranks = {b: i for i, b in enumerate(t.token_bytes()) if i >= 7}
+    t._fast = tiktoken.Encoding("wrong", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={"<|bos|>": 0})
+    text = "two  spaces, it's 1234"
+    with pytest.warns(RuntimeWarning, match="differ"):
+        assert t.verify_fast([text]) is False
+    assert t.fast_backend == "hf" and "differ" in t.fast_note
+    assert t.encode_batch([text]) == [t.encode(text)]
+    assert t.encode_documents([text])[0].tolist() == [0, *t.encode(text)]
+
+
+def test_without_tiktoken_falls_back_to_hf(tok, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "tiktoken", None)  # import tiktoken -> ImportError
+    t = Tokenizer(tok.hf, "bpe", json_text=tok.hf.to_str(pretty=True))
+    assert t.fast_backend == "hf" and "not installed" in t.fast_note
+    texts = SAMPLES + ["x\ud800"]
+    assert t.encode_batch(texts) == [tok.encode(x) for x in texts]
+
+
+def test_saved_tokenizer_records_fast_backend(uni_tok, tmp_path):
+    uni_tok.save(tmp_path)
+    meta = json.loads((tmp_path / "chatforge_tokenizer.json").read_text())
+    assert meta["fast_backend"] == uni_tok.fast_backend
+    again = Tokenizer.load(tmp_path)
+    assert again.encode_batch(MIXED[:2]) == uni_tok.encode_batch(MIXED[:2])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(sorted(set("".join(stdlib_texts(100_000))) | {"\t", "\r"}) + SPECIAL_TOKENS),
+                         max_size=100).map("".join), min_size=1, max_size=5))
+def test_char_lookup_table_equals_hf(char_tok, texts):
+    assert char_tok.encode_batch(texts) == _hf_ids(char_tok, texts)
+
+
+def test_char_lookup_table_rejects_unknown_character(char_tok):
+    with pytest.raises(UserError, match="U\\+1F600"):
+        char_tok.encode_batch(["fine", "smile 😀"])
+
+
+# ---- compression ------------------------------------------------------------------------------
+
+def test_compression_report_and_reference(tok, char_tok):
+    from chatforge.tokenizer import compression_report, reference_bytes_per_token
+    texts = stdlib_texts(300_000)
+    train, val = texts[1:], texts[:1]
+    rep = compression_report(tok, val)
+    n_bytes = len(val[0].encode())
+    assert rep["docs"] == 1 and rep["bytes"] == n_bytes and rep["tokens"] == len(tok.encode(val[0]))
+    assert rep["bytes_per_token"] == pytest.approx(n_bytes / rep["tokens"]) and rep["bytes_per_token"] > 1.5
+    ref = reference_bytes_per_token(train, val, vocab_size=512, max_train_bytes=300_000)
+    # Same data, same vocab size, the peer library's stock setup: a comparable figure, not a wild one.
+    assert 1.5 < ref < 6 and 0.7 < rep["bytes_per_token"] / ref < 1.4
+    capped = compression_report(tok, val, max_bytes=1000)
+    assert capped["bytes"] == 1000
+    ascii_text = "def f(x):\n    return x\n"
+    assert compression_report(char_tok, [ascii_text])["bytes_per_token"] == 1.0
+
+
+# ---- char-level end to end on tinyshakespeare ----------------------------------------------------
+
+def test_char_tokenizer_tinyshakespeare(tmp_path):
+    import torch
+    from chatforge.data.shards import open_shards, write_shards
+    from chatforge.embeddings import nearest, plot_projection, token_counts
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+    if not data.is_file():
+        pytest.skip("shared data not present")
+    text = data.read_text(encoding="utf-8")
+    tok = Tokenizer.train([text], TokenizerConfig(kind="char"))
+    assert tok.vocab_size == 65 + len(SPECIAL_TOKENS) and tok.fast_backend == "lut"
+    tok.save(tmp_path / "tok")
+    tok = Tokenizer.load(tmp_path / "tok")
+    assert tok.kind == "char" and tok.vocab_size == 72
+    paras = [p for p in text.split("\n\n") if p.strip()]
+    write_shards(tok, paras, tmp_path / "shards", shard_tokens=300_000)
+    shards = open_shards(tmp_path / "shards", tok_hash=tok.hash, vocab_size=tok.vocab_size)
+    assert len(shards) > 1 and all(s.tokens.dtype == np.uint16 for s in shards)
+    flat = np.concatenate([s.tokens for s in shards])
+    assert tok.decode(flat.tolist()) == "".join(paras) and len(flat) == len("".join(paras)) + len(paras)
+    counts = token_counts(tmp_path / "shards", tok.vocab_size)
+    assert counts[tok.bos_id] == len(paras) and counts[tok.encode("e")[0]] == "".join(paras).count("e")
+    emb = torch.randn(tok.vocab_size, 16, generator=torch.Generator().manual_seed(0))
+    (a,), (b,) = tok.encode("a"), tok.encode("A")
+    emb[b] = emb[a] * 3
+    got = nearest(emb, tok, "a", k=3)
+    assert got[0] == ("A", pytest.approx(1.0, abs=1e-5)) and len(got) == 3
+    out = plot_projection(emb, tok, tmp_path / "chars.png", n=100, counts=counts)
+    assert out.read_bytes()[:4] == b"\x89PNG"

@@ -22,6 +22,7 @@ STAGES = {
     "serve": "OpenAI-compatible API and web chat page",
     "export": "write a Hugging Face transformers model directory",
     "embeddings": "nearest tokens in the embedding matrix; 2-D projection plot",
+    "merge": "join parts prepared with --shard/--num-shards, deduplicate across them, split",
     "report": "write report.md / report.html for a run",
     "demo": "run every stage in order on the embedded default corpus",
 }
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="lowercase all text (hurts a generative model: it can no longer write capitals)")
     subs["prepare"].add_argument("--remove-stopwords", action="store_true",
                                  help="drop English stop words (hurts a generative model: it learns broken sentences)")
+    subs["prepare"].add_argument("--shard", type=int, default=None,
+                                 help="prepare only part I of the inputs (0-based; use with --num-shards), e.g. one per machine")
+    subs["prepare"].add_argument("--num-shards", type=int, default=1, help="number of parts the inputs are split into")
+    subs["merge"].add_argument("--parts", nargs="+", required=True, help="the parts' data folders (RUN/data of each part)")
     for name in ("pretrain", "finetune"):
         subs[name].add_argument("--resume", action="store_true", help="continue from the latest checkpoint, exactly")
     subs["finetune"].add_argument("--input", "-i", nargs="+", action="extend", default=None,

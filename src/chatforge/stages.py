@@ -62,13 +62,33 @@ def _console():
 
 # ---------------------------------------------------------------- stages
 
-def prepare(cfg: Config, paths: RunPaths, force: bool = False) -> dict:
+def prepare(cfg: Config, paths: RunPaths, force: bool = False, shard: int | None = None, num_shards: int = 1) -> dict:
     from .data.prepare import prepare_corpus, prepare_sft
+
+    if shard is not None and not 0 <= shard < num_shards:
+        raise UserError(f"--shard {shard} must be between 0 and --num-shards - 1 ({num_shards - 1})")
+    _guard(paths.data, force, "prepared data")
+    _save_cfg(cfg, paths)
+    t0 = time.time()
+    if shard is not None:
+        manifest = prepare_corpus(cfg.data, paths.data, shard_index=shard, num_shards=num_shards)
+        print(f"prepare: part {shard} of {num_shards}: {manifest.get('documents_written', '?')} documents written to "
+              f"{paths.data}; join the parts with `chatforge merge --parts DIR... --run-dir RUN`")
+        return {"corpus": manifest}
+    manifest = prepare_corpus(cfg.data, paths.data)
+    sft = prepare_sft(cfg.sft, paths.data)
+    _print_prepare(manifest, sft, time.time() - t0)
+    return {"corpus": manifest, "sft": sft}
+
+
+def merge(cfg: Config, paths: RunPaths, parts: list[str], force: bool = False) -> dict:
+    from .data.merge import merge_parts
+    from .data.prepare import prepare_sft
 
     _guard(paths.data, force, "prepared data")
     _save_cfg(cfg, paths)
     t0 = time.time()
-    manifest = prepare_corpus(cfg.data, paths.data)
+    manifest = merge_parts([Path(p) for p in parts], paths.data, cfg.data)
     sft = prepare_sft(cfg.sft, paths.data)
     _print_prepare(manifest, sft, time.time() - t0)
     return {"corpus": manifest, "sft": sft}
@@ -519,7 +539,9 @@ def run(args: Namespace) -> int:
             cfg.data.text_field = args.text_field
         cfg.data.lowercase |= args.lowercase
         cfg.data.remove_stopwords |= args.remove_stopwords
-        prepare(cfg, paths, args.force)
+        prepare(cfg, paths, args.force, args.shard, args.num_shards)
+    elif cmd == "merge":
+        merge(cfg, paths, args.parts, args.force)
     elif cmd == "tokenizer":
         tokenizer(cfg, paths, args.force)
     elif cmd == "encode":

@@ -14,14 +14,29 @@ specials as normal HF special tokens, so `transformers` tokenizes a rendered cha
 
 Lone surrogates (e.g. from a JSON "\\ud800" escape) are not valid Unicode and cannot be UTF-8 encoded:
 `encode` replaces each with U+FFFD rather than failing a whole corpus on one bad character.
+
+Bulk encoding (encode_batch, encode_documents, hence token shards) has a fast path that gives the same ids
+as the HF tokenizer, which stays the reference (it is what tokenizer.json and `transformers` run):
+- BPE: tiktoken (optional dependency) built from our byte-level vocabulary (ranks = ids, which HF assigns
+  in merge order), our split regex and the special tokens. Documents are joined with the real `<|bos|>`
+  special, so one Rust call (GIL released, so threads run in parallel) encodes thousands of documents and
+  returns the shard layout itself: `<|bos|>` + ids, per document. tiktoken ranks a merge by the token it
+  makes while HF ranks merge pairs; these agree for vocabularies HF trains, and the agreement is checked
+  when the fast path is built (every vocabulary token plus a multi-script probe text) and by
+  `verify_fast` on real text (training sample, first encode batch); on a mismatch the tokenizer warns and
+  falls back to HF for good.
+- char: a code point -> id lookup table in numpy.
 """
 from __future__ import annotations
 
 import codecs
 import hashlib
 import json
+import os
 import re
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -57,6 +72,19 @@ CHAT_TEMPLATE = (
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
+# Text the fast encoder must reproduce exactly before it is used: contractions in both cases, digit runs,
+# whitespace runs before words/digits/punctuation/line ends, and the Unicode classes the split regex tells
+# apart (letters of many scripts, marks, numbers that are not ASCII digits, symbols, emoji, controls).
+PROBE_TEXT = (
+    "It's I'M we'Ve they'LL she'd DON'T 's 'S 'ſ x'ſ\n"
+    "  Two  spaces,\tthen tabs\t\t42\n\n\n   \r\n  trailing   \n"
+    "12345678 3.14159 1,000,000 ½ ² ٣٤٥ ⅷ १२३ 0x1F\n"
+    "naïve café — 日本語のテキスト、한국어 Ελληνικά Русский עברית العربية हिन्दी ไทย\n"
+    "e\u0301 a\u0308\u0323 \u200d\ufeff\u00a0x\u2028y\u3000z \U0001F600\U0001F44D\U0001F3FD \U0001F468\u200d\U0001F469\n"
+    "<|bos|> <|end|> <|endoftext|> <| |> ((( ))) ... !!! ??? ---- ==> $$$ @@@ ###\n"
+    "\x00\x01\x1b[0m\x7f \U0010FFFF \uFFFD end"
+)
+
 
 @lru_cache(maxsize=1)
 def byte_decoder() -> dict[str, int]:
@@ -80,18 +108,33 @@ def _special_added_tokens() -> list[AddedToken]:
     return [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
 
 
+VERIFY_BYTES = 256 << 10  # real text the fast encoder must reproduce before use (HF encodes it in ~0.1 s)
+
+
+def _keep_sample(texts: Iterable[str], sample: list[str], limit: int) -> Iterator[str]:
+    """Pass texts through, keeping the first ones (up to `limit` characters) in `sample`."""
+    n = 0
+    for t in texts:
+        if n < limit:
+            sample.append(t[: limit - n])
+            n += len(sample[-1])
+        yield t
+
+
 def _take_bytes(texts: Iterable[str], limit: int) -> Iterable[str]:
     """Yield texts until `limit` UTF-8 bytes have been given (the last one cut to fit)."""
     left = limit
     for t in texts:
         if left <= 0:
             return
-        n = len(t.encode("utf-8", "replace"))
+        if not t.isascii():  # (isascii is O(1) in CPython: most English documents skip the cleaning)
+            t = _clean(t)
+        n = len(t) if t.isascii() else len(t.encode("utf-8"))
         if n > left:
-            t = t.encode("utf-8", "replace")[:left].decode("utf-8", "ignore")
+            t = t.encode("utf-8")[:left].decode("utf-8", "ignore")
             n = left
         left -= n
-        yield _clean(t)
+        yield t
 
 
 def _build_bpe(texts: Iterable[str], cfg: TokenizerConfig) -> HFTokenizer:
@@ -111,13 +154,13 @@ def _build_bpe(texts: Iterable[str], cfg: TokenizerConfig) -> HFTokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text is encodable
         show_progress=False,
     )
-    tok.train_from_iterator(_take_bytes(texts, cfg.max_train_bytes), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
 
 def _build_char(texts: Iterable[str], cfg: TokenizerConfig) -> HFTokenizer:
     chars: set[str] = set()
-    for t in _take_bytes(texts, cfg.max_train_bytes):
+    for t in texts:
         chars.update(t)
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     for c in sorted(chars - set(SPECIAL_TOKENS)):
@@ -128,6 +171,44 @@ def _build_char(texts: Iterable[str], cfg: TokenizerConfig) -> HFTokenizer:
     tok.decoder = decoders.Fuse()  # WordLevel would otherwise join tokens with spaces
     tok.add_special_tokens(_special_added_tokens())
     return tok
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _split_even(texts: list[str], n: int) -> list[list[str]]:
+    """Cut texts into at most n contiguous runs of about equal character count (order kept)."""
+    total = sum(map(len, texts)) or 1
+    runs: list[list[str]] = [[]]
+    acc = 0
+    for t in texts:
+        if acc >= total * len(runs) / n and len(runs) < n:
+            runs.append([])
+        runs[-1].append(t)
+        acc += len(t)
+    return [r for r in runs if r]
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return bool(b)
+    except UnicodeDecodeError:
+        return False
+
+
+def _hf_split_pattern(hf: HFTokenizer) -> str:
+    """The split regex a tokenizer.json actually uses (a loaded tokenizer may predate SPLIT_PATTERN changes)."""
+    pre = json.loads(hf.to_str()).get("pre_tokenizer") or {}
+    for p in pre.get("pretokenizers", [pre]):
+        if p.get("type") == "Split" and "Regex" in p.get("pattern", {}):
+            return p["pattern"]["Regex"]
+    return SPLIT_PATTERN
 
 
 class Tokenizer:
@@ -146,6 +227,9 @@ class Tokenizer:
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         self._role_id = {"system": self.system_id, "user": self.user_id, "assistant": self.assistant_id}
         self._token_bytes: list[bytes] | None = None
+        self._fast = None  # tiktoken Encoding (bpe) or code point lookup table (char), built on first use
+        self._fast_state = "unbuilt"  # "unbuilt" | "ready" | "off"
+        self.fast_note = ""  # why the fast encoder is off, when it is
 
     @property
     def hf(self) -> HFTokenizer:
@@ -158,13 +242,16 @@ class Tokenizer:
     # ---- training and persistence -------------------------------------------------------------
     @classmethod
     def train(cls, texts: Iterable[str], cfg: TokenizerConfig) -> "Tokenizer":
-        if cfg.kind == "bpe":
-            hf = _build_bpe(texts, cfg)
-        elif cfg.kind == "char":
-            hf = _build_char(texts, cfg)
-        else:
+        """Learn a vocabulary from `texts` (at most cfg.max_train_bytes of them), then check the fast encoder
+        against HF on the first VERIFY_BYTES of that text (see fast_backend)."""
+        if cfg.kind not in ("bpe", "char"):
             raise UserError(f"tokenizer.kind={cfg.kind!r} is not known; use 'bpe' or 'char'")
-        return cls(hf, cfg.kind)
+        sample: list[str] = []
+        texts = _keep_sample(_take_bytes(texts, cfg.max_train_bytes), sample, VERIFY_BYTES)
+        hf = _build_bpe(texts, cfg) if cfg.kind == "bpe" else _build_char(texts, cfg)
+        tok = cls(hf, cfg.kind)
+        tok.verify_fast(sample)
+        return tok
 
     def save(self, out_dir: Path) -> None:
         out_dir = Path(out_dir)
@@ -182,8 +269,10 @@ class Tokenizer:
             "chat_template": CHAT_TEMPLATE,
         }
         (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (out_dir / "chatforge_tokenizer.json").write_text(
-            json.dumps({"kind": self.kind, "hash": self.hash, "vocab_size": self.vocab_size}, indent=2) + "\n")
+        meta = {"kind": self.kind, "hash": self.hash, "vocab_size": self.vocab_size, "fast_backend": self.fast_backend}
+        if self.fast_note:
+            meta["fast_note"] = self.fast_note
+        (out_dir / "chatforge_tokenizer.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, tok_dir: Path) -> "Tokenizer":
@@ -193,14 +282,18 @@ class Tokenizer:
             raise UserError(f"no tokenizer in {tok_dir}: run `chatforge tokenizer` first")
         text = path.read_text(encoding="utf-8")
         meta_path = tok_dir / "chatforge_tokenizer.json"
-        kind = json.loads(meta_path.read_text())["kind"] if meta_path.is_file() else None
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        kind = meta.get("kind")
         try:
             hf = HFTokenizer.from_str(text)
         except Exception as e:  # noqa: BLE001 - HF raises plain Exception for malformed files
             raise UserError(f"{path}: not a valid tokenizer.json ({e}); re-run `chatforge tokenizer`")
         if kind is None:
             kind = "char" if json.loads(text)["model"]["type"] == "WordLevel" else "bpe"
-        return cls(hf, kind, json_text=text)
+        tok = cls(hf, kind, json_text=text)
+        if meta.get("fast_backend") == "hf" and "differ" in meta.get("fast_note", ""):
+            tok._disable_fast(meta["fast_note"], warn=False)  # a mismatch seen once is not retried
+        return tok
 
     # ---- encoding -----------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -210,13 +303,152 @@ class Tokenizer:
         except Exception as e:  # noqa: BLE001
             return self._retry([text], e)[0]
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Like encode, for many texts at once; HF parallelises this across cores in Rust, order kept."""
+    def encode_batch(self, texts: Sequence[str], threads: int = 0) -> list[list[int]]:
+        """Like encode, for many texts at once, order kept (fast path when available, see fast_backend)."""
         texts = list(texts)
+        if not texts:
+            return []
+        if self.fast_backend == "hf":
+            return self._hf_batch(texts)
+        ids, starts = self.encode_documents(texts, threads=threads)
+        ends = np.append(starts[1:], len(ids))
+        flat = ids.tolist()
+        return [flat[a + 1:b] for a, b in zip(starts.tolist(), ends.tolist())]
+
+    def _hf_batch(self, texts: list[str]) -> list[list[int]]:
         try:
             return [e.ids for e in self._hf.encode_batch_fast(texts, add_special_tokens=False)]
         except Exception as e:  # noqa: BLE001
             return self._retry(texts, e)
+
+    def encode_documents(self, texts: Sequence[str], threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Encode documents into one flat uint32 array, each document as `<|bos|>` + encode(text), and the
+        int64 offset of each document's `<|bos|>`: the layout of a token shard.
+
+        `threads` (0 = every core this process may use) splits the documents into that many contiguous runs
+        encoded in parallel; the output does not depend on it.
+        """
+        texts = list(texts)
+        threads = threads or available_cores()
+        if threads > 1 and len(texts) > 1 and self.fast_backend != "hf":
+            parts = _split_even(texts, threads)
+            with ThreadPoolExecutor(len(parts)) as ex:
+                arrays = list(ex.map(self._encode_run, parts))
+            ids = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
+        else:
+            ids = self._encode_run(texts)
+        starts = np.flatnonzero(ids == self.bos_id).astype(np.int64)  # text never encodes to a special id
+        assert len(starts) == len(texts), "document count and <|bos|> count disagree"
+        return ids, starts
+
+    def _encode_run(self, texts: list[str]) -> np.ndarray:
+        """`<|bos|>` + ids of each text, concatenated, with whichever encoder fast_backend names."""
+        if not texts:
+            return np.zeros(0, np.uint32)
+        backend = self.fast_backend
+        if backend == "tiktoken":
+            return self._tiktoken_run(texts)
+        if backend == "lut":
+            return self._lut_run(texts)
+        docs = self._hf_batch(texts)
+        out = np.empty(sum(map(len, docs)) + len(docs), dtype=np.uint32)
+        pos = 0
+        for d in docs:
+            out[pos] = self.bos_id
+            out[pos + 1:pos + 1 + len(d)] = d
+            pos += 1 + len(d)
+        return out
+
+    # ---- fast encoders --------------------------------------------------------------------------
+    @property
+    def fast_backend(self) -> str:
+        """Engine of bulk encoding: "tiktoken" (bpe), "lut" (char), or "hf" (fallback: tiktoken missing, or
+        found to disagree with HF; fast_note says which)."""
+        if self._fast_state == "unbuilt":
+            self._build_fast()
+        if self._fast_state == "ready":
+            return "tiktoken" if self.kind == "bpe" else "lut"
+        return "hf"
+
+    def _disable_fast(self, note: str, warn: bool = True) -> None:
+        self._fast, self._fast_state, self.fast_note = None, "off", note
+        if warn:
+            warnings.warn(f"tokenizer {self.hash}: {note}; bulk encoding falls back to HF tokenizers (slower, "
+                          "same ids)", RuntimeWarning, stacklevel=3)
+
+    def _build_fast(self) -> None:
+        self._fast_state = "off"
+        if self.kind == "char":
+            vocab = self._hf.get_vocab()
+            chars = {t: i for t, i in vocab.items() if len(t) == 1}
+            lut = np.full(max(map(ord, chars), default=0) + 2, -1, dtype=np.int64)  # last slot: "unknown"
+            for c, i in chars.items():
+                lut[ord(c)] = i
+            self._fast, self._fast_state = lut, "ready"
+            return
+        try:
+            import tiktoken
+        except ImportError:
+            self.fast_note = "tiktoken is not installed (pip install tiktoken for ~5x faster encoding)"
+            return
+        tb = self.token_bytes()
+        ranks = {b: i for i, b in enumerate(tb) if i >= len(SPECIAL_TOKENS)}
+        if len(ranks) != self.vocab_size - len(SPECIAL_TOKENS) or any(bytes([b]) not in ranks for b in range(256)):
+            self.fast_note = "the vocabulary lacks some single bytes or has duplicate tokens"
+            return
+        self._fast = tiktoken.Encoding(f"chatforge-{self.hash}", pat_str=_hf_split_pattern(self._hf),
+                                       mergeable_ranks=ranks, special_tokens={t: i for i, t in enumerate(SPECIAL_TOKENS)})
+        self._fast_state = "ready"
+        # Every token's own text, and text from the corners of Unicode the split regex distinguishes.
+        words = [b.decode("utf-8") for b in tb[len(SPECIAL_TOKENS):] if _is_utf8(b)]
+        self.verify_fast([PROBE_TEXT, *PROBE_TEXT.split("\n"), *words])
+
+    def verify_fast(self, texts: Sequence[str]) -> bool:
+        """Check that the fast encoder gives HF's ids on `texts`; on any difference, warn and use HF from now
+        on. Returns whether the fast encoder is (still) in use."""
+        texts = [t for t in texts if t]
+        if not texts or self.fast_backend == "hf":
+            return self.fast_backend != "hf"
+        fast = self.encode_documents(texts, threads=1)
+        ref = self._hf_batch(texts)
+        want = np.fromiter((i for d in ref for i in (self.bos_id, *d)), dtype=np.uint32)
+        if not np.array_equal(fast[0], want):
+            bad = next(i for i, (t, r) in enumerate(zip(texts, ref)) if self._encode_run([t])[1:].tolist() != r)
+            self._disable_fast(f"the {self.fast_backend} encoder and HF tokenizers differ on text "
+                               f"{texts[bad][:60]!r}")
+            return False
+        return True
+
+    def _tiktoken_run(self, texts: list[str]) -> np.ndarray:
+        joined = BOS + BOS.join(texts)  # split at the special, so each document is encoded on its own
+        if not joined.isascii():
+            try:
+                joined.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates: same cleaning as encode() (tiktoken's own differs)
+                texts = [_clean(t) for t in texts]
+                joined = BOS + BOS.join(texts)
+        enc = self._fast
+        if joined.count(BOS) != len(texts):  # a document holds the literal text "<|bos|>": encode each alone
+            return np.concatenate([np.concatenate(([self.bos_id], enc.encode_to_numpy(
+                t, allowed_special=set(), disallowed_special=()))).astype(np.uint32) for t in texts])
+        return enc.encode_to_numpy(joined, allowed_special={BOS}, disallowed_special=())
+
+    def _lut_run(self, texts: list[str]) -> np.ndarray:
+        joined = "".join(texts)
+        try:
+            raw = joined.encode("utf-32-le")
+        except UnicodeEncodeError:
+            texts = [_clean(t) for t in texts]  # one U+FFFD per surrogate: lengths are unchanged
+            raw = "".join(texts).encode("utf-32-le")
+        lut = self._fast
+        cps = np.frombuffer(raw, dtype=np.uint32)
+        ids = lut[np.minimum(cps, len(lut) - 1)]
+        if len(ids) and ids.min() < 0:
+            c = chr(int(cps[np.flatnonzero(ids < 0)[0]]))
+            raise UserError(f"character {c!r} (U+{ord(c):04X}) is not in the char tokenizer's vocabulary; "
+                            "retrain it on text that contains it, or use tokenizer.kind=bpe")
+        offsets = np.cumsum([0] + [len(t) for t in texts[:-1]])
+        return np.insert(ids, offsets, self.bos_id).astype(np.uint32)
 
     def _retry(self, texts: list[str], err: Exception) -> list[list[int]]:
         """Fix what can be fixed (lone surrogates), or name the character a char tokenizer lacks."""
@@ -317,3 +549,40 @@ class IncrementalDecoder:
     def flush(self) -> str:
         """End of stream: whatever bytes are left (an incomplete character shows as U+FFFD)."""
         return self._dec.decode(b"", final=True)
+
+
+# ---- compression (bytes per token) -----------------------------------------------------------------
+
+def compression_report(tok: Tokenizer, texts: Iterable[str], max_bytes: int | None = None) -> dict:
+    """How much text a token carries on `texts` (e.g. the validation split), cut to `max_bytes` UTF-8 bytes
+    the way reference_bytes_per_token cuts its validation text, so the two figures are comparable.
+
+    Returns {"docs", "bytes", "chars", "tokens", "bytes_per_token", "chars_per_token"}; higher is better
+    compression (a model sees more text per position).
+    """
+    docs = list(_take_bytes(texts, max_bytes) if max_bytes else texts)
+    ids, starts = tok.encode_documents(docs) if docs else (np.zeros(0), np.zeros(0))
+    n_tok = len(ids) - len(starts)  # leave out the <|bos|> before each document
+    n_bytes = sum(len(d.encode("utf-8", "surrogatepass")) for d in docs)
+    n_chars = sum(map(len, docs))
+    return {"docs": len(docs), "bytes": n_bytes, "chars": n_chars, "tokens": n_tok,
+            "bytes_per_token": n_bytes / max(n_tok, 1), "chars_per_token": n_chars / max(n_tok, 1)}
+
+
+def reference_bytes_per_token(train_texts: Iterable[str], val_texts: Iterable[str], vocab_size: int,
+                              max_train_bytes: int = 5_000_000, max_val_bytes: int = 5_000_000) -> float:
+    """Bytes per token on `val_texts` of the peer library's stock byte-level BPE (HF ByteLevelBPETokenizer:
+    GPT-2 split regex, our special tokens, min_frequency 2) trained on `train_texts` with the same vocab size.
+
+    Training text is capped at `max_train_bytes` (about 0.2 CPU-seconds per MB) and validation text at
+    `max_val_bytes` (encoded at ~3 MB/s); pass the same cap to compression_report for a like-for-like figure.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+
+    ref = ByteLevelBPETokenizer()
+    ref.train_from_iterator(_take_bytes(train_texts, max_train_bytes), vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=SPECIAL_TOKENS, show_progress=False)
+    val = list(_take_bytes(val_texts, max_val_bytes))
+    n_tok = sum(len(e.ids) for e in ref.encode_batch(val)) if val else 0
+    n_bytes = sum(len(t.encode("utf-8")) for t in val)
+    return n_bytes / max(n_tok, 1)

@@ -21,9 +21,11 @@ from ..errors import UserError
 _WORD = re.compile(r"\S+")
 _ALNUM_WORD = re.compile(r"\w+")
 _EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
-# Dotted quads with each part 0-255; IPv6 with at least three groups (so "12:30" or "a::b" in code stays).
-_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])")
-_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}(?::|(?::[0-9A-Fa-f]{1,4}){1,6}|[0-9A-Fa-f]{1,4})(?![\w:])")
+# Dotted quads with each part 0-255. IPv6: the full 8-group form, or a compressed one with a group on each
+# side of "::" (so times like 12:30:45, "::1" and slices like x[a::b] in code stay as they are).
+_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?!\w|\.\d)")
+_H = r"[0-9A-Fa-f]{1,4}"
+_IPV6 = re.compile(rf"(?<![\w:])(?:(?:{_H}:){{7}}{_H}|(?:{_H}:){{1,6}}:(?:{_H}:){{0,5}}{_H})(?![\w:])")
 EMAIL_MASK, IP_MASK = "<EMAIL>", "<IP>"
 
 

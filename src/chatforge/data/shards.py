@@ -10,11 +10,12 @@ time instead of silently training on wrong ids.
 """
 from __future__ import annotations
 
-import itertools
 import struct
 import sys
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..tokenizer import Tokenizer
+from ..tokenizer import VERIFY_BYTES, Tokenizer, _split_even, available_cores
 
 MAGIC = b"CFTOKENS"
 VERSION = 1
@@ -30,7 +31,7 @@ HEADER_BYTES = 256
 # magic, version, bytes per token, vocab size, token count, doc count, tokenizer hash (16 hex chars)
 _HEADER = struct.Struct("<8sIIQQQ16s")
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
-BATCH_BYTES = 4 << 20  # text per encode_batch call: big enough to keep every core busy, small enough for RAM
+BATCH_BYTES = 4 << 20  # text read per step: a run per worker, each big enough to amortise the call
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -96,50 +97,53 @@ class _ShardWriter:
         self.f = None
         self.index += 1
 
-    def add_batch(self, docs: list[list[int]]) -> None:
-        bos = self.tok.bos_id
-        pending: list[list[int]] = []  # documents for the open shard, written in one go
-        for ids in docs:
-            n = len(ids) + 1
+    def add(self, ids: np.ndarray, starts: np.ndarray) -> None:
+        """Append documents given flat, as encode_documents returns them (each starts with <|bos|>)."""
+        ids = ids.astype(self.dtype, copy=False)
+        bounds = np.append(starts, len(ids)).tolist()
+        seg = 0  # start (in ids) of the part not yet written to the open shard
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            n = b - a
             if self.f is not None and self.n_tok + n > self.cap and self.starts:
-                self._write(pending)
-                pending = []
+                self.f.write(ids[seg:a].tobytes())
+                seg = a
                 self.close()
             if self.f is None:
                 self._open()
             self.starts.append(self.n_tok)
             self.n_tok += n
-            pending.append([bos])
-            pending.append(ids)
-        self._write(pending)
-
-    def _write(self, parts: list[list[int]]) -> None:
-        if parts:
-            n = sum(len(p) for p in parts)
-            arr = np.fromiter(itertools.chain.from_iterable(parts), dtype=self.dtype, count=n)
-            self.f.write(arr.tobytes())
+        self.f.write(ids[seg:].tobytes())
 
 
-def _batches(texts: Iterable[str], batch_bytes: int) -> Iterator[tuple[list[str], int]]:
+def _batches(texts: Iterable[str], batch_chars: int) -> Iterator[list[str]]:
     batch: list[str] = []
     size = 0
     for t in texts:
         batch.append(t)
         size += len(t)  # chars, a cheap stand-in for bytes when sizing batches
-        if size >= batch_bytes:
-            yield batch, size
+        if size >= batch_chars:
+            yield batch
             batch, size = [], 0
     if batch:
-        yield batch, size
+        yield batch
+
+
+def _utf8_len(texts: list[str]) -> int:
+    """UTF-8 bytes of the text as encoded: a lone surrogate counts 3, as the U+FFFD it becomes does."""
+    joined = "".join(texts)
+    return len(joined) if joined.isascii() else len(joined.encode("utf-8", "surrogatepass"))
 
 
 def write_shards(tok: Tokenizer, texts: Iterable[str], out_dir: Path, shard_tokens: int = 2**26,
                  workers: int = 0) -> dict:
     """Encode documents into token shards. Output bytes do not depend on `workers`.
 
-    workers=1 encodes one document at a time in this thread; any other value uses HF's encode_batch,
-    which spreads each batch across all cores (RAYON_NUM_THREADS caps them) and keeps the order.
-    Stale shard files in out_dir are removed first, so a re-run never mixes old and new shards.
+    Documents are read in batches of BATCH_BYTES and cut into runs encoded by `workers` threads (0 = every
+    core this process may use; tiktoken and HF release the GIL while encoding), so reading the next batch
+    overlaps encoding the current one; results are written in input order. workers=1 does everything in
+    the calling thread. Stale shard files in out_dir are removed first, so a re-run never mixes old and
+    new shards. The first batch is checked against HF's ids before the fast encoder is trusted with the rest
+    (see Tokenizer.verify_fast).
     """
     if shard_tokens < 1:
         raise UserError(f"shard_tokens={shard_tokens} must be positive")
@@ -147,23 +151,63 @@ def write_shards(tok: Tokenizer, texts: Iterable[str], out_dir: Path, shard_toke
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in list(out_dir.glob("shard_*.bin")) + list(out_dir.glob("shard_*.idx.npy")) + list(out_dir.glob("shard_*.bin.tmp")):
         old.unlink()
+    workers = workers or available_cores()
     writer = _ShardWriter(out_dir, tok, shard_tokens)
     docs = tokens = bytes_in = 0
     start = time.perf_counter()
     bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"encode {out_dir.name}", disable=not sys.stderr.isatty())
-    for batch, _ in _batches(texts, BATCH_BYTES):
-        ids = [tok.encode(t) for t in batch] if workers == 1 else tok.encode_batch(batch)
-        writer.add_batch(ids)
-        nb = sum(len(t.encode("utf-8", "replace")) for t in batch)
-        bytes_in += nb
-        docs += len(batch)
-        tokens += sum(len(x) for x in ids) + len(batch)
-        bar.update(nb)
+
+    def consume(result: tuple[np.ndarray, np.ndarray], nbytes: int) -> None:
+        nonlocal docs, tokens, bytes_in
+        ids, starts = result
+        writer.add(ids, starts)
+        docs += len(starts)
+        tokens += len(ids)
+        bytes_in += nbytes
+        bar.update(nbytes)
+
+    verified = False
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        pending: deque = deque()  # (future per run, bytes) of batches in flight, oldest first
+        for batch in _batches(texts, BATCH_BYTES):
+            if not verified:
+                tok.verify_fast(_head(batch, VERIFY_BYTES // 4))
+                verified = True
+            nbytes = _utf8_len(batch)
+            if workers == 1:
+                consume(tok.encode_documents(batch, threads=1), nbytes)
+                continue
+            futures = [pool.submit(tok.encode_documents, run, 1) for run in _split_even(batch, workers)]
+            pending.append((futures, nbytes))
+            while len(pending) > 1:  # keep one batch encoding while the next one is read
+                _drain(pending.popleft(), consume)
+        while pending:
+            _drain(pending.popleft(), consume)
     writer.close()
     bar.close()
     secs = time.perf_counter() - start
     return {"tokens": tokens, "docs": docs, "shards": writer.index, "bytes_in": bytes_in,
             "seconds": round(secs, 3), "mb_per_s": round(bytes_in / 1e6 / max(secs, 1e-9), 2)}
+
+
+def _drain(item, consume) -> None:
+    futures, nbytes = item
+    results = [f.result() for f in futures]
+    offsets = np.cumsum([0] + [len(ids) for ids, _ in results[:-1]])
+    ids = np.concatenate([ids for ids, _ in results])
+    starts = np.concatenate([st + off for (_, st), off in zip(results, offsets)])
+    consume((ids, starts), nbytes)
+
+
+def _head(texts: list[str], limit: int) -> list[str]:
+    """The first documents of a batch, up to about `limit` characters."""
+    out, n = [], 0
+    for t in texts:
+        if n >= limit:
+            break
+        out.append(t)
+        n += len(t)
+    return out
 
 
 def open_shards(shard_dir: Path, tok_hash: str | None = None, vocab_size: int | None = None) -> list[Shard]:

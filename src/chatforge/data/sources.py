@@ -24,13 +24,19 @@ from typing import IO, Any
 import zstandard
 
 from ..errors import UserError
+from .clean import html_to_text
 
 log = logging.getLogger("chatforge.data")
 
 COMPRESSION_SUFFIXES = {".gz", ".zst", ".zstd", ".bz2", ".xz"}
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst", ".py"}
 JSON_SUFFIXES = {".jsonl", ".ndjson", ".json"}
-SUPPORTED_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | {".csv", ".parquet"}
+HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | HTML_SUFFIXES | {".csv", ".parquet"}
+# A Hugging Face dataset written by `Dataset.save_to_disk` (state.json + Arrow stream files) or
+# `DatasetDict.save_to_disk` (dataset_dict.json + one such folder per split).
+HF_STATE, HF_DICT = "state.json", "dataset_dict.json"
+HUB_PREFIX = "hf:"  # data.inputs entry "hf:owner/name" or "hf:owner/name:split" streams from the Hub
 
 # Plain-text files longer than this are cut into several documents at blank lines. A book or a dump of many
 # stories as ONE document could only land whole in train or whole in val, and a 1 MB file would be dropped by
@@ -86,19 +92,37 @@ def is_supported(path: Path) -> bool:
     return _suffixes(path)[0] in SUPPORTED_SUFFIXES
 
 
-def expand_inputs(patterns: list[str], suffixes: set[str] | None = None) -> list[Path]:
-    """Files, folders (recursively: supported files only, hidden ones skipped) and globs -> file list.
+def is_hf_dataset_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / HF_STATE).is_file() or (path / HF_DICT).is_file())
 
-    Each pattern's matches are sorted; patterns keep the user's order; a file named twice is read once.
-    `suffixes` narrows which files a folder contributes (e.g. only JSON for chat data).
-    """
+
+def _hf_split_dirs(path: Path) -> list[Path]:
+    """A DatasetDict folder -> its split folders in the order dataset_dict.json lists them (all splits are
+    read: point data.inputs at one split folder to take only that one)."""
+    if (path / HF_STATE).is_file():
+        return [path]
+    splits = json.loads((path / HF_DICT).read_text(encoding="utf-8")).get("splits", [])
+    found = [path / s for s in splits if (path / s / HF_STATE).is_file()]
+    if not found:
+        raise UserError(f"{path / HF_DICT} lists splits {splits} but none has a {HF_STATE}; is the save complete?")
+    return found
+
+
+def expand_inputs_indexed(patterns: list[str], suffixes: set[str] | None = None) -> list[tuple[int, Path]]:
+    """Like expand_inputs, with the index of the pattern (data.inputs entry) each file came from, which is
+    what data.weights refers to."""
     wanted = suffixes or SUPPORTED_SUFFIXES
-    out: list[Path] = []
+    out: list[tuple[int, Path]] = []
     seen: set[Path] = set()
-    for pat in patterns:
+    for idx, pat in enumerate(patterns):
         p = Path(pat).expanduser()
+        if pat.startswith(HUB_PREFIX):
+            out.append((idx, Path(pat)))
+            continue
         if p.is_file():
             found = [p]
+        elif is_hf_dataset_dir(p):
+            found = _hf_split_dirs(p)
         elif p.is_dir():
             found = sorted(
                 f for f in p.rglob("*")
@@ -118,8 +142,18 @@ def expand_inputs(patterns: list[str], suffixes: set[str] | None = None) -> list
             key = f.resolve()
             if key not in seen:
                 seen.add(key)
-                out.append(f)
+                out.append((idx, f))
     return out
+
+
+def expand_inputs(patterns: list[str], suffixes: set[str] | None = None) -> list[Path]:
+    """Files, folders (recursively: supported files only, hidden ones skipped) and globs -> file list.
+
+    Each pattern's matches are sorted; patterns keep the user's order; a file named twice is read once.
+    `suffixes` narrows which files a folder contributes (e.g. only JSON for chat data). A folder written by
+    Hugging Face `save_to_disk` is one input (a DatasetDict: one per split); "hf:owner/name" names a Hub dataset.
+    """
+    return [p for _, p in expand_inputs_indexed(patterns, suffixes)]
 
 
 # --------------------------------------------------------------------------------------------- bytes
@@ -413,17 +447,91 @@ def _iter_parquet(path: Path, stats: ReadStats, text_field: str) -> Iterator[tup
                              f"column '{text_field}' holds {type(value).__name__}, not text")
 
 
+def _iter_html(path: Path, stats: ReadStats) -> Iterator[tuple[str, str, int]]:
+    """One document per page: the visible text (see clean.html_to_text). Pages are small, so read whole."""
+    raw = b"".join(_chunks_checked(path, stats))
+    if raw:
+        html, bad = _decode(raw)
+        stats.counts["invalid_utf8"] += bad
+        text = html_to_text(html)
+        if text:
+            yield text, str(path), 1
+
+
+def _iter_hf_disk(path: Path, stats: ReadStats, text_field: str) -> Iterator[tuple[str, str, int]]:
+    """Rows of a `save_to_disk` folder, read straight from its Arrow stream files with pyarrow (the
+    `datasets` package is not needed); batches are memory-mapped, so a large dataset streams."""
+    import pyarrow as pa
+
+    state = json.loads((path / HF_STATE).read_text(encoding="utf-8"))
+    files = [path / f["filename"] for f in state.get("_data_files", [])] or sorted(path.glob("*.arrow"))
+    src = str(path)
+    row = 0
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"{f} is listed in {path / HF_STATE} but missing; save the dataset again")
+        try:
+            with pa.memory_map(str(f)) as mm:
+                try:
+                    reader = pa.ipc.open_stream(mm)
+                except pa.ArrowInvalid:  # some writers use the Arrow file (random access) format instead
+                    reader = pa.ipc.open_file(mm)
+                names = reader.schema.names
+                if text_field not in names:
+                    raise _field_error(path, f.name, text_field, names)
+                col = names.index(text_field)
+                batches = reader if isinstance(reader, pa.ipc.RecordBatchStreamReader) else \
+                    (reader.get_batch(i) for i in range(reader.num_record_batches))
+                for batch in batches:
+                    for value in batch.column(col).to_pylist():
+                        row += 1
+                        if isinstance(value, str):
+                            yield value, src, row
+                        elif value is not None:
+                            stats.reject("not_text", path, row, repr(value)[:500],
+                                         f"column '{text_field}' holds {type(value).__name__}, not text")
+        except (pa.ArrowInvalid, OSError) as e:
+            stats.note("truncated_file", f, f"kept the rows read before: {e}")
+
+
+def _iter_hub(name: str, stats: ReadStats, text_field: str) -> Iterator[tuple[str, str, int]]:
+    """A Hub dataset, streamed. Needs `datasets` and a network; says so instead of failing obscurely."""
+    spec = name[len(HUB_PREFIX):]
+    repo, _, split = spec.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"input '{name}': reading a Hub dataset needs the `datasets` package (pip install "
+                        f"datasets) and a network; or save it with save_to_disk and give that folder") from None
+    try:
+        ds = datasets.load_dataset(repo, split=split or "train", streaming=True)
+    except Exception as e:  # offline, unknown name, gated repo: all user-fixable
+        raise UserError(f"input '{name}': cannot stream it from the Hugging Face Hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); check the name and the network") from None
+    for row, rec in enumerate(ds, 1):
+        if text_field not in rec:
+            raise _field_error(name, row, text_field, rec.keys())
+        if isinstance(rec[text_field], str):
+            yield rec[text_field], name, row
+
+
 def iter_records(path: Path | str, text_field: str = "text", stats: ReadStats | None = None,
                  chunk_chars: int = TEXT_CHUNK_CHARS) -> Iterator[tuple[str, str, int]]:
     """(text, source, line_no) for every document in one file.
 
     .txt/.md/.rst/.py: the whole file is one document (long prose files are cut at blank lines into
-    ~chunk_chars pieces, and at "<|endoftext|>" separators). .jsonl/.json/.csv/.parquet: one document per
-    record, taken from `text_field`. .gz/.zst/.bz2/.xz are decompressed on the fly. Other suffixes are read
-    as plain text.
+    ~chunk_chars pieces, and at "<|endoftext|>" separators). .html/.htm: the page's visible text.
+    .jsonl/.json/.csv/.parquet, a save_to_disk folder, "hf:name": one document per record, taken from
+    `text_field`. .gz/.zst/.bz2/.xz are decompressed on the fly. Other suffixes are read as plain text.
     """
-    path = Path(path)
     stats = stats if stats is not None else ReadStats()
+    if str(path).startswith(HUB_PREFIX):
+        yield from _iter_hub(str(path), stats, text_field)
+        return
+    path = Path(path)
+    if path.is_dir() and (path / HF_STATE).is_file():
+        yield from _iter_hf_disk(path, stats, text_field)
+        return
     fmt, _ = _suffixes(path)
     if fmt in JSON_SUFFIXES:
         yield from _iter_json(path, stats, text_field)
@@ -431,5 +539,7 @@ def iter_records(path: Path | str, text_field: str = "text", stats: ReadStats | 
         yield from _iter_csv(path, stats, text_field)
     elif fmt == ".parquet":
         yield from _iter_parquet(path, stats, text_field)
+    elif fmt in HTML_SUFFIXES:
+        yield from _iter_html(path, stats)
     else:
         yield from _iter_text(path, stats, 0 if fmt == ".py" else chunk_chars)

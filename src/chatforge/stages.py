@@ -124,14 +124,18 @@ def tokenizer(cfg: Config, paths: RunPaths, force: bool = False):
     t0 = time.time()
     tok = Tokenizer.train(iter_documents(paths.data, "train"), cfg.tokenizer)
     tok.save(paths.tokenizer)
+    from .tokenizer import compression_report, reference_bytes_per_token
     val = list(iter_documents(paths.data, "val"))
-    n_bytes = sum(len(t.encode("utf-8")) for t in val)
-    n_tok = sum(len(ids) for ids in tok.encode_batch(val)) if val else 0
-    bpt = n_bytes / max(n_tok, 1)
-    print(f"tokenizer: {tok.kind}, vocabulary {tok.vocab_size}, {bpt:.2f} bytes/token on the val split, "
-          f"trained in {time.time() - t0:.1f} s -> {paths.tokenizer}")
+    ours = compression_report(tok, val, max_bytes=5_000_000)["bytes_per_token"] if val else float("nan")
+    ref = float("nan")
+    if tok.kind == "bpe" and val:
+        ref = reference_bytes_per_token(iter_documents(paths.data, "train"), val, tok.vocab_size)
+    print(f"tokenizer: {tok.kind}, vocabulary {tok.vocab_size}, trained in {time.time() - t0:.1f} s -> {paths.tokenizer}\n"
+          f"  val split: {ours:.3f} bytes/token (reference HF ByteLevelBPETokenizer, same data and size: {ref:.3f}); "
+          f"fast encoder: {tok.fast_backend}{' (' + tok.fast_note + ')' if getattr(tok, 'fast_note', '') else ''}")
     (paths.tokenizer / "stats.json").write_text(json.dumps(
-        {"kind": tok.kind, "vocab_size": tok.vocab_size, "val_bytes_per_token": bpt, "hash": tok.hash}, indent=2))
+        {"kind": tok.kind, "vocab_size": tok.vocab_size, "val_bytes_per_token": ours,
+         "reference_val_bytes_per_token": ref, "hash": tok.hash, "fast_backend": tok.fast_backend}, indent=2))
     return tok
 
 
@@ -147,7 +151,7 @@ def encode(cfg: Config, paths: RunPaths, force: bool = False) -> dict:
     stats = {}
     for split in ("train", "val"):
         stats[split] = write_shards(tok, iter_documents(paths.data, split), paths.tokens / split,
-                                    workers=0 if cfg.data.workers <= 1 else cfg.data.workers)
+                                    workers=cfg.data.workers)
         print(f"encode {split}: {stats[split]['tokens']:,} tokens in {stats[split]['docs']:,} documents")
     (paths.tokens / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
@@ -391,7 +395,9 @@ def embeddings(cfg: Config, paths: RunPaths, stage="auto", which="best", near=No
         for t, c in nearest(emb, tok, near, k=k):
             print(f"{c:+.3f}  {t!r}")
     if plot:
-        plot_projection(emb, tok, Path(plot))
+        from .embeddings import token_counts
+        counts = token_counts(paths.tokens / "train", tok.vocab_size) if (paths.tokens / "train").exists() else None
+        plot_projection(emb, tok, Path(plot), counts=counts)
         print(f"embeddings: projection written to {plot}")
 
 

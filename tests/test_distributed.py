@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatforge.distributed import DistInfo, autocast_ctx, pick_device, setup, wrap_model
+from chatforge.distributed import autocast_ctx, pick_device, setup, wrap_model
 from chatforge.errors import UserError
 
 CHILD = textwrap.dedent('''

@@ -90,6 +90,9 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(setup):
     out = d / "killed"
     p = run_child(script, out, stall_at=12, stall_s=60)  # checkpoint at step 8, then stalls in step 12
     wait_for_checkpoint(out, 8, p)
+    for line in p.stdout:  # wait until it is stuck inside step 12, well past its checkpoint
+        if line.startswith("STALL"):
+            break
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=10)
     assert p.returncode == -signal.SIGKILL

@@ -1,13 +1,34 @@
-"""Fine-tuning: adapt a pretrained model to chat (SFT) through the one training loop of pretraining."""
+"""Fine-tuning: adapt a pretrained model to a task (chat SFT) or a domain (continued pretraining), fully or
+with LoRA, through the one training loop of pretraining, and measure that it worked.
+
+Layout of paths.finetune:
+  ckpt/            ordinary chatforge checkpoints (generate/chat/serve/export read these). With LoRA it holds
+                   one checkpoint: the best adapter merged into the base weights.
+  lora/            LoRA only: the training loop's own checkpoints (the PEFT-wrapped state dict, so resume
+                   re-wraps the base before loading), metrics.jsonl.
+  adapter/         LoRA only: the adapter alone, as PEFT writes it (adapter_model.safetensors, adapter_config.json).
+  data/, tokens/   the fine-tuning data when given with --input (chat JSONL, or domain text and its shards).
+  metrics.jsonl, loss.png, finetune_eval.json (before/after losses, end-of-turn share, replies).
+
+Starting points: a chatforge checkpoint (default: the run's pretrain best), or a local Hugging Face
+Llama/Qwen3 folder whose tokenizer carries chatforge's special tokens (chatforge exports do).
+"""
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable, Iterable
 
 from .config import Config
 from .errors import UserError
 from .paths import RunPaths
 from .stages import _guard, _need, _plot, _save_cfg
+
+MODES = ("sft", "cpt")
+EVAL_PROMPTS = 20  # held-out prompts answered before/after, for the end-of-turn share
 
 
 def sft_examples(tok, path: Path, seq_len: int):
@@ -19,59 +40,345 @@ def sft_examples(tok, path: Path, seq_len: int):
     return examples, stats
 
 
+# ---------------------------------------------------------------- starting point
+
+def _is_checkpoint(p: Path) -> bool:
+    return (p / "meta.json").is_file() and (p / "model.safetensors").is_file()
+
+
+def _hub_download(name: str) -> Path:
+    """A hub name ("org/model") -> a local snapshot (config, safetensors, tokenizer files only)."""
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
+                                                            "tokenizer.json", "tokenizer_config.json"]))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated: all the same to the user
+        raise UserError(f"--init {name}: not a local folder and could not be fetched from the Hugging Face hub "
+                        f"({type(e).__name__}); give a chatforge checkpoint or a local model folder") from None
+
+
+def load_hf_start(hf_dir: Path, paths: RunPaths):
+    """A local HF Llama/Qwen3 folder -> (GPT, Tokenizer). Its tokenizer must carry our chat tokens at ids 0..6,
+    and becomes the run's tokenizer (later stages read paths.tokenizer) unless the run already has another."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .export import import_hf
+    from .tokenizer import SPECIAL_TOKENS, Tokenizer
+
+    hf_dir = Path(hf_dir)
+    tj = hf_dir / "tokenizer.json"
+    if not tj.is_file():
+        raise UserError(f"{hf_dir}: no tokenizer.json; a Hugging Face starting point needs its tokenizer")
+    hf = HFTokenizer.from_file(str(tj))
+    for i, t in enumerate(SPECIAL_TOKENS):
+        if hf.token_to_id(t) != i:
+            raise UserError(f"{tj}: {t} is at id {hf.token_to_id(t)}, not {i}: chatforge fine-tunes models whose "
+                            f"tokenizer carries its chat tokens {' '.join(SPECIAL_TOKENS)} at ids 0-6 (chatforge "
+                            f"exports do); other tokenizers and chat templates are not supported")
+    tok = Tokenizer.load(hf_dir)
+    model, mcfg = import_hf(hf_dir)
+    if tok.vocab_size > mcfg.vocab_size:
+        raise UserError(f"{hf_dir}: tokenizer has {tok.vocab_size} tokens but the model only {mcfg.vocab_size}")
+    if (paths.tokenizer / "tokenizer.json").is_file():
+        run_tok = Tokenizer.load(paths.tokenizer)
+        if run_tok.hash != tok.hash:
+            raise UserError(f"{hf_dir}'s tokenizer differs from the run's ({paths.tokenizer}); fine-tune it in a "
+                            f"new --run-dir")
+    else:
+        tok.save(paths.tokenizer)  # generate/chat/serve/export of this run read it from here
+    return model, tok
+
+
+def load_start(cfg: Config, paths: RunPaths, init: str | None):
+    """(model, tokenizer, where it came from, "chatforge" | "hf") for --init / finetune.init_from / pretrain best."""
+    from .checkpoint import list_checkpoints, load_model, resolve_checkpoint
+    from .tokenizer import Tokenizer
+
+    spec = init or cfg.finetune.init_from
+    if not spec:
+        src = resolve_checkpoint(paths.pretrain / "ckpt", "best")
+    else:
+        src = Path(spec)
+        if not src.exists():
+            if spec.count("/") == 1 and not spec.startswith((".", "/")):
+                src = _hub_download(spec)
+            else:
+                raise UserError(f"--init {spec}: not found; give a chatforge checkpoint, a run's ckpt folder or a "
+                                f"Hugging Face model folder")
+    if not _is_checkpoint(src):
+        for root in (src, src / "ckpt", src / "pretrain" / "ckpt"):  # a ckpt folder, a stage folder, a run
+            if list_checkpoints(root):
+                src = resolve_checkpoint(root, "best")
+                break
+    if _is_checkpoint(src):
+        tok = Tokenizer.load(paths.tokenizer)
+        model, meta = load_model(src)
+        if meta.get("tokenizer_hash") not in (None, tok.hash):
+            raise UserError(f"checkpoint {src} was trained with another tokenizer ({meta.get('tokenizer_hash')}, "
+                            f"this run's is {tok.hash}); fine-tune with the tokenizer it was trained with")
+        return model, tok, src, "chatforge"
+    if (src / "config.json").is_file():
+        model, tok = load_hf_start(src, paths)
+        return model, tok, src, "hf"
+    raise UserError(f"--init {src}: neither a chatforge checkpoint (meta.json + model.safetensors) nor a Hugging "
+                    f"Face model folder (config.json + safetensors + tokenizer.json)")
+
+
+# ---------------------------------------------------------------- data
+
+def _sft_dir(cfg: Config, paths: RunPaths, inputs: list[str] | None, resume: bool) -> Path:
+    if not inputs:
+        return paths.data
+    from .data.prepare import prepare_sft
+
+    sft_dir = paths.finetune / "data"
+    if not (resume and (sft_dir / "sft_train.jsonl").is_file()):
+        prepare_sft(dataclasses.replace(cfg.sft, inputs=list(inputs)), sft_dir)
+    return sft_dir
+
+
+def _cpt_tokens(cfg: Config, paths: RunPaths, tok, inputs: list[str], resume: bool) -> Path:
+    """Domain text -> cleaned documents (the pretraining rules) -> token shards with the run's tokenizer."""
+    from .data.prepare import iter_documents, prepare_corpus
+    from .data.shards import write_shards
+
+    data_dir, tok_dir = paths.finetune / "data", paths.finetune / "tokens"
+    if resume and (tok_dir / "stats.json").is_file():
+        return tok_dir
+    manifest = prepare_corpus(dataclasses.replace(cfg.data, inputs=list(inputs), weights=[]), data_dir)
+    val_docs = manifest.get("splits", {}).get("val", {}).get("documents", 0)
+    if not val_docs:
+        raise UserError(f"the domain text ({', '.join(inputs)}) left no validation documents; give more documents "
+                        f"or raise data.val_fraction (now {cfg.data.val_fraction})")
+    stats = {split: write_shards(tok, iter_documents(data_dir, split), tok_dir / split, workers=cfg.data.workers)
+             for split in ("train", "val")}
+    (tok_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    return tok_dir
+
+
+def _token_arrays(shard_dir: Path, tok) -> list:
+    from .data.shards import open_shards
+    return [s.tokens for s in open_shards(shard_dir, tok_hash=tok.hash, vocab_size=tok.vocab_size)]
+
+
+# ---------------------------------------------------------------- evidence
+
+def held_out_prompts(sft_val: Path, n: int = EVAL_PROMPTS) -> list[list[dict]]:
+    """The first n conversations of a prepared sft_val.jsonl, cut before their first assistant turn."""
+    out: list[list[dict]] = []
+    if n <= 0 or not Path(sft_val).is_file():
+        return out
+    with open(sft_val, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            msgs = json.loads(line)["messages"]
+            k = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), None)
+            if k:
+                out.append(msgs[:k])
+            if len(out) == n:
+                break
+    return out
+
+
+def reply_check(model, tok, prompts: list[list[dict]], max_new_tokens: int, device="cpu") -> dict:
+    """Greedy replies; the share that end with <|end|> within max_new_tokens (and the context)."""
+    from .engine import Engine
+
+    engine = Engine(model, tok, device=str(device))
+    replies, skipped = [], 0
+    for msgs in prompts:
+        ids = tok.render_chat(msgs, add_generation_prompt=True)[0]
+        limit = min(max_new_tokens, model.cfg.seq_len - len(ids))
+        if limit < 1:  # the prompt alone fills the context
+            skipped += 1
+            continue
+        gen = engine.generate(ids, max_new_tokens=limit, temperature=0.0, stop_ids=(tok.end_id, tok.eos_id))[0]
+        replies.append({"prompt": msgs[-1]["content"], "reply": tok.decode(gen),
+                        "ended_with_end_of_turn": bool(gen) and gen[-1] == tok.end_id, "tokens": len(gen)})
+    share = sum(r["ended_with_end_of_turn"] for r in replies) / len(replies) if replies else None
+    return {"end_of_turn_share": share, "prompts": len(replies), "prompts_too_long": skipped, "replies": replies}
+
+
+def measure(model, device, *, domain: Callable[[], Iterable[dict]] | None,
+            general: Callable[[], Iterable[dict]] | None, chat: Callable[[], Iterable[dict]] | None) -> dict:
+    """Mean loss per target token on each validation set given (None when a set is unavailable)."""
+    from .train import evaluate
+
+    return {name: (evaluate(model, fn(), device) if fn is not None else None)
+            for name, fn in (("domain_val_loss", domain), ("general_val_loss", general), ("chat_val_loss", chat))}
+
+
+def _print_evidence(ev: dict) -> None:
+    from .report import print_table
+
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    rows = [{"metric": k, "before": fmt(ev["before"][k]), "after": fmt(ev["after"][k])}
+            for k in ("domain_val_loss", "general_val_loss", "chat_val_loss")]
+    rows.append({"metric": "end-of-turn share", "before": fmt(ev["before"].get("end_of_turn_share")),
+                 "after": fmt(ev["after"].get("end_of_turn_share"))})
+    print_table(rows, ["metric", "before", "after"], title=f"finetune ({ev['mode']}) evidence")
+
+
+# ---------------------------------------------------------------- the stage
+
+def _check_resume(train_dir: Path, meta: dict) -> None:
+    from .checkpoint import list_checkpoints, read_meta
+
+    ckpts = list_checkpoints(train_dir / "ckpt")
+    if not ckpts:
+        return  # train() says what is missing
+    saved = read_meta(ckpts[-1])
+    if saved.get("lora_merged"):
+        raise UserError(f"{train_dir / 'ckpt'} holds a merged LoRA model, not a resumable full fine-tune; resume "
+                        f"with the same --lora-rank, or start again with --force")
+    for key in ("mode", "lora"):
+        if saved.get(key, meta[key] if key == "mode" else None) != meta[key]:
+            raise UserError(f"{ckpts[-1]}/meta.json: {key} was {saved.get(key)}, this run asks for {meta[key]}; "
+                            f"resume with the same settings or start again with --force")
+
+
 def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: bool = False,
-                 inputs: list[str] | None = None, init: str | None = None, lora_rank: int = 0) -> dict:
+                 inputs: list[str] | None = None, init: str | None = None, lora_rank: int = 0,
+                 mode: str = "sft", lora_alpha: float = 0.0, lora_dropout: float = 0.0,
+                 lora_targets: list[str] | None = None, eval_prompts: int = EVAL_PROMPTS) -> dict:
+    """Fine-tune and write paths.finetune/finetune_eval.json; returns the training summary plus 'eval'.
+
+    mode: "sft" (chat; inputs = chat JSONL files, default the run's prepared sft split) or "cpt" (continued
+    pretraining; inputs = domain text files, required). lora_rank > 0: LoRA on lora_targets (default all
+    seven projections) with lora_alpha (0 -> 2 * rank) and lora_dropout; else full fine-tuning.
+    """
     import torch
 
-    from .checkpoint import load_model, resolve_checkpoint
-    from .data.loader import SFTLoader, iter_sft_eval_batches
+    from .checkpoint import load_model, resolve_checkpoint, save_checkpoint
+    from .data.loader import SFTLoader, TokenLoader, iter_eval_batches, iter_sft_eval_batches
     from .distributed import setup, teardown
-    from .tokenizer import Tokenizer
+    from .lora import LORA_TARGETS, LoraSettings, add_lora, merge_lora, save_adapter, trainable_counts
     from .train import train
 
-    if lora_rank:
-        raise UserError("LoRA fine-tuning is not available yet; run without --lora-rank for full fine-tuning")
-    tok = Tokenizer.load(paths.tokenizer)
-    if inputs:
-        from .data.prepare import prepare_sft
-        sft_cfg = cfg.sft
-        sft_cfg.inputs = list(inputs)
-        sft_dir = paths.finetune / "data"
-        if not resume:
-            _guard(paths.finetune, force, "a fine-tuning run")
-        prepare_sft(sft_cfg, sft_dir)
-    else:
-        sft_dir = paths.data
-        if not resume:
-            _guard(paths.finetune, force, "a fine-tuning run")
-    init_dir = Path(init or cfg.finetune.init_from or resolve_checkpoint(paths.pretrain / "ckpt", "best"))
-    if not init_dir.exists():
-        raise UserError(f"checkpoint {init_dir} not found; run `chatforge pretrain` first or pass --init")
+    if mode not in MODES:
+        raise UserError(f"finetune mode {mode!r} is not known; use sft (chat) or cpt (continued pretraining)")
+    if lora_rank < 0:
+        raise UserError(f"--lora-rank {lora_rank} must be >= 0 (0 = full fine-tuning)")
+    lora = LoraSettings(lora_rank, lora_alpha, lora_dropout, list(lora_targets or LORA_TARGETS)) if lora_rank else None
+    if mode == "cpt" and not inputs:
+        raise UserError("continued pretraining (mode cpt) needs domain text: pass --input FILE_OR_FOLDER ...")
+    if not resume:
+        _guard(paths.finetune, force, "a fine-tuning run")
+    train_dir = paths.finetune / "lora" if lora else paths.finetune
+
     dist = setup(cfg.finetune.device)
-    model, meta = load_model(init_dir)
-    if meta.get("tokenizer_hash") not in (None, tok.hash):
-        raise UserError(f"checkpoint {init_dir} was trained with another tokenizer ({meta.get('tokenizer_hash')}, "
-                        f"this run's is {tok.hash}); fine-tune with the tokenizer it was trained with")
-    seq_len = model.cfg.seq_len
-    train_ex, train_stats = sft_examples(tok, sft_dir / "sft_train.jsonl", seq_len)
-    val_ex, _ = sft_examples(tok, sft_dir / "sft_val.jsonl", seq_len)
+    device = dist.device
+    model, tok, init_dir, origin = load_start(cfg, paths, init)
+    # A chatforge model trains at its own context; an imported one at most at the run's (HF contexts are long).
+    seq_len = model.cfg.seq_len if origin == "chatforge" else min(model.cfg.seq_len, cfg.model.seq_len)
+    bs, ebs = cfg.finetune.batch_size, cfg.eval.batch_size
+    data_info: dict = {}
+
+    # Data: the training loader, the in-training validation, and the before/after evaluation sets.
+    if mode == "sft":
+        sft_dir = _sft_dir(cfg, paths, inputs, resume)
+        train_ex, train_stats = sft_examples(tok, sft_dir / "sft_train.jsonl", seq_len)
+        val_ex, val_stats = sft_examples(tok, sft_dir / "sft_val.jsonl", seq_len)
+        manifest_path = sft_dir / "sft_manifest.json"
+        skipped = json.loads(manifest_path.read_text()).get("skipped", {}) if manifest_path.is_file() else {}
+        data_info = {"sft_dir": str(sft_dir), "skipped": skipped, "train": train_stats, "val": val_stats}
+        loader = SFTLoader(train_ex, bs, seq_len, pad_id=tok.pad_id, rank=dist.rank, world=dist.world,
+                           seed=cfg.finetune.seed)
+        chat_val_path = sft_dir / "sft_val.jsonl"
+        train_val = lambda: iter_sft_eval_batches(val_ex, ebs, seq_len, pad_id=tok.pad_id,  # noqa: E731
+                                                  max_batches=cfg.finetune.eval_batches)
+        domain_eval = lambda: iter_sft_eval_batches(val_ex, ebs, seq_len, pad_id=tok.pad_id,  # noqa: E731
+                                                    max_batches=cfg.eval.max_batches)
+        chat_eval = domain_eval
+        summary_line = (f"{train_stats['examples']} chat examples ({train_stats['truncated']} truncated, "
+                        f"{train_stats['dropped']} dropped; skipped while preparing: {skipped or 'none'})")
+    else:
+        tok_dir = _cpt_tokens(cfg, paths, tok, inputs, resume)
+        try:
+            loader = TokenLoader([a for a in _token_arrays(tok_dir / "train", tok)], bs, seq_len, rank=dist.rank,
+                                 world=dist.world, seed=cfg.finetune.seed)
+        except ValueError as e:
+            raise UserError(f"domain text {', '.join(inputs)}: {e}") from None
+        dom_val = _token_arrays(tok_dir / "val", tok)
+        stats = json.loads((tok_dir / "stats.json").read_text())
+        data_info = {"tokens_dir": str(tok_dir), "tokens": {k: v.get("tokens") for k, v in stats.items()}}
+        train_val = lambda: iter_eval_batches(dom_val, ebs, seq_len, max_batches=cfg.finetune.eval_batches)  # noqa: E731
+        domain_eval = lambda: iter_eval_batches(dom_val, ebs, seq_len, max_batches=cfg.eval.max_batches)  # noqa: E731
+        chat_val_path = paths.data / "sft_val.jsonl"
+        chat_eval = None
+        if chat_val_path.is_file():
+            chat_ex, _ = sft_examples(tok, chat_val_path, seq_len)
+            chat_eval = lambda: iter_sft_eval_batches(chat_ex, ebs, seq_len, pad_id=tok.pad_id,  # noqa: E731
+                                                      max_batches=cfg.eval.max_batches)
+        summary_line = f"{stats['train']['tokens']:,} domain tokens ({stats['val']['tokens']:,} held out)"
+    general_eval = None
+    try:  # forgetting: the run's pretraining validation text, when it was encoded with this tokenizer
+        gen_val = _token_arrays(paths.tokens / "val", tok)
+        general_eval = lambda: iter_eval_batches(gen_val, ebs, seq_len,  # noqa: E731
+                                                 max_batches=cfg.eval.max_batches or cfg.train.eval_batches)
+    except UserError:
+        pass
+    prompts = held_out_prompts(chat_val_path, eval_prompts)
+    max_new = cfg.generate.max_new_tokens
+
+    def evidence(m) -> dict:
+        out = measure(m, device, domain=domain_eval, general=general_eval, chat=chat_eval)
+        if prompts:
+            out.update(reply_check(m, tok, prompts, max_new, device))
+        return out
+
     if dist.is_main:
         _save_cfg(cfg, paths)
-        print(f"finetune: {train_stats['examples']} chat examples ({train_stats.get('truncated', 0)} truncated, "
-              f"{train_stats.get('dropped', 0)} dropped), from {init_dir}")
-    torch.manual_seed(cfg.finetune.seed)
-    loader = SFTLoader(train_ex, cfg.finetune.batch_size, seq_len, pad_id=tok.pad_id,
-                       rank=dist.rank, world=dist.world, seed=cfg.finetune.seed)
+        print(f"finetune ({mode}{f', LoRA rank {lora.rank}' if lora else ', full'}): {summary_line}; "
+              f"from {init_dir}")
+    model.to(device)
+    before = evidence(model)
 
-    def val_batches():
-        return iter_sft_eval_batches(val_ex, cfg.eval.batch_size, seq_len, pad_id=tok.pad_id)
+    torch.manual_seed(cfg.finetune.seed)  # LoRA's A matrices: the same every run (resume overwrites them anyway)
+    if lora:
+        model = add_lora(model, lora)
+        n_train, n_all = trainable_counts(model)
+        if dist.is_main:
+            print(f"LoRA: rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g} on "
+                  f"{', '.join(lora.targets)}: {n_train:,} of {n_all:,} parameters train ({n_train / n_all:.2%})")
+    meta = {"stage": "finetune", "mode": mode, "model": asdict(model.cfg), "tokenizer_hash": tok.hash,
+            "init_from": str(init_dir), "init_kind": origin, "lora": lora.to_dict() if lora else None}
+    if resume:
+        _check_resume(train_dir, meta)
+    summary = train(model, cfg.finetune, loader, train_dir, val_batches=train_val, meta=meta, resume=resume,
+                    dist=dist)
 
-    meta = {"stage": "finetune", "model": asdict(model.cfg), "tokenizer_hash": tok.hash, "init_from": str(init_dir)}
-    summary = train(model, cfg.finetune, loader, paths.finetune, val_batches=val_batches, meta=meta,
-                    resume=resume, dist=dist)
+    if lora:
+        # The best adapter: save it alone, merge it, and store the merged model as an ordinary checkpoint.
+        from safetensors.torch import load_model as st_load_model
+
+        from .checkpoint import read_meta
+        best = resolve_checkpoint(train_dir / "ckpt", "best")
+        st_load_model(model, str(best / "model.safetensors"), device=str(device))
+        best_meta = read_meta(best)
+        if dist.is_main:
+            save_adapter(model, paths.finetune / "adapter", base=str(init_dir))
+        final = merge_lora(model).eval()
+        if dist.is_main:
+            shutil.rmtree(paths.finetune / "ckpt", ignore_errors=True)
+            save_checkpoint(paths.finetune / "ckpt", best_meta["step"], final, None, None, None,
+                            {**meta, "lora_merged": True, "adapter": str(paths.finetune / "adapter"),
+                             "lora_checkpoint": str(best)}, val_loss=best_meta.get("val_loss"), keep_last=1)
+            shutil.copyfile(train_dir / "metrics.jsonl", paths.finetune / "metrics.jsonl")
+    else:
+        final, _ = load_model(resolve_checkpoint(paths.finetune / "ckpt", "best"), device=device)
+    after = evidence(final)
+
+    result = {"mode": mode, "init_from": str(init_dir), "init_kind": origin, "lora": meta["lora"],
+              "data": data_info, "max_new_tokens": max_new, "before": before, "after": after,
+              "train": summary}
     if dist.is_main:
         _plot(paths.finetune)
+        (paths.finetune / "finetune_eval.json").write_text(json.dumps(result, indent=2, default=float))
+        _print_evidence(result)
+        if after.get("replies"):
+            r = after["replies"][0]
+            print(f"held-out prompt: {r['prompt'][:200]!r}\nreply: {r['reply'][:300]!r}")
     teardown()
-    return summary
-
-
+    return {**summary, "eval": result}

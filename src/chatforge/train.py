@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_sum, autocast_ctx, is_distributed, pick_device, unwrap, wrap_model
+from .distributed import DistInfo, all_reduce_sum, autocast_ctx, pick_device, unwrap, wrap_model
 from .errors import UserError
 from .optim import build_optimizer, build_scheduler
 

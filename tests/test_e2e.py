@@ -71,3 +71,51 @@ def test_chat_reply_ends_at_end_of_turn(tiny_run):
     out = engine.generate(ids, max_new_tokens=200, temperature=0.0, stop_ids=(tok.end_id,))[0]
     assert out[-1] == tok.end_id, tok.decode(out)
     assert tok.decode(out[:-1]).strip()
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "chatforge", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_eval_cli_on_a_file_and_a_benchmark(tiny_run, tmp_path):
+    text = tmp_path / "doc.txt"
+    text.write_text("import os\n\ndef main():\n    return os.getcwd()\n" * 20)
+    r = _cli("eval", tiny_run, "--stage", "pretrain", "--file", text, "--stride", "64")
+    assert r.returncode == 0, r.stderr
+    assert "doc.txt" in r.stdout
+    rows = json.loads((tiny_run / "eval" / "pretrain_best.json").read_text())
+    assert rows[0]["tokens"] > 0 and math.isfinite(rows[0]["loss"])
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("\n".join(json.dumps({"ctx": "def f(x):\n    return", "endings": [" x", " ))))((((", " ]]]]"],
+                                        "label": 0}) for _ in range(3)) + "\n")
+    r = _cli("eval", tiny_run, "--task", mc, "--schema", "hellaswag")
+    assert r.returncode == 0, r.stderr
+    # bad input: one line, exit 2
+    for args, needle in [(("--file", tmp_path / "missing.txt"), "missing.txt"),
+                         (("--checkpoint", "step_9999"), "step_9999"),
+                         (("--task", text, "--schema", "arc"), "line 1")]:
+        r = _cli("eval", tiny_run, *args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and needle in r.stderr, (args, r.stderr)
+
+
+def test_generate_export_and_embeddings(tiny_run, tmp_path):
+    r = _cli("generate", tiny_run, "--stage", "pretrain", "--prompt", "def ", "generate.max_new_tokens=16")
+    assert r.returncode == 0 and len(r.stdout.strip()) > len("def "), r.stderr
+    out = tmp_path / "hf"
+    r = _cli("export", tiny_run, out)
+    assert r.returncode == 0, r.stderr
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    model, _ = load_model(resolve_checkpoint(tiny_run / "finetune" / "ckpt", "best"))
+    x = torch.tensor([[0, 5, 17, 99, 300, 12]])
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, model(x), atol=1e-4)
+    r = _cli("export", tiny_run, out)  # never overwritten without --force
+    assert r.returncode == 2 and "--force" in r.stderr
+    png = tmp_path / "emb.png"
+    r = _cli("embeddings", tiny_run, "--near", "def", "--plot", png)
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:4] == b"\x89PNG" and len(r.stdout.strip().splitlines()) == 10

@@ -24,6 +24,7 @@ STAGES = {
     "embeddings": "nearest tokens in the embedding matrix; 2-D projection plot",
     "merge": "join parts prepared with --shard/--num-shards, deduplicate across them, split",
     "report": "write report.md / report.html for a run",
+    "compare": "overlay the loss curves of two runs in one PNG",
     "demo": "run every stage in order on the embedded default corpus",
 }
 
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     subs["prepare"].add_argument("--shard", type=int, default=None,
                                  help="prepare only part I of the inputs (0-based; use with --num-shards), e.g. one per machine")
     subs["prepare"].add_argument("--num-shards", type=int, default=1, help="number of parts the inputs are split into")
+    subs["compare"].add_argument("runs", nargs=2, metavar="RUN", help="two run directories")
+    subs["compare"].add_argument("--out", "-o", default="compare.png", help="PNG to write (default: compare.png)")
     subs["merge"].add_argument("--parts", nargs="+", required=True, help="the parts' data folders (RUN/data of each part)")
     for name in ("pretrain", "finetune"):
         subs[name].add_argument("--resume", action="store_true", help="continue from the latest checkpoint, exactly")

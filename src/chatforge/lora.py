@@ -9,7 +9,6 @@ plain GPT, which saves as an ordinary chatforge checkpoint: generate, chat, serv
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -75,15 +74,15 @@ def trainable_counts(model: nn.Module) -> tuple[int, int]:
 def save_adapter(model: nn.Module, out_dir: Path, base: str | None = None) -> Path:
     """Write the adapter alone (adapter_model.safetensors + adapter_config.json, PEFT's layout).
 
-    base: the chatforge checkpoint the adapter belongs to, recorded as PEFT's base_model_name_or_path
-    (PEFT knows no name for a custom module)."""
+    base: the chatforge checkpoint the adapter belongs to, written into adapter_config.json's
+    base_model_name_or_path afterwards (set before saving, PEFT would look it up on the hub)."""
     out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
     if base is not None:
-        for cfg in model.peft_config.values():
-            cfg.base_model_name_or_path = str(base)
-    with warnings.catch_warnings():  # PEFT looks for an HF config.json next to the base to check the vocabulary
-        warnings.filterwarnings("ignore", message="Could not find a config file")
-        model.save_pretrained(str(out_dir), safe_serialization=True)
+        cfg_path = out_dir / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = str(base)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 

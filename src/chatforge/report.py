@@ -236,20 +236,15 @@ def write_report(run_dir: str | Path, sections: dict) -> Path:
 
     if sections.get("notes"):
         md += ["## Notes", ""] + [f"- {n}" for n in sections["notes"]] + [""]
-    if sections.get("config"):
-        md += ["## Config", "", _kv_table(sections["config"]), ""]
-    data = sections.get("data")
-    manifest = run_dir / "data" / "manifest.json"
-    if data is None and manifest.is_file():
-        try:
-            data = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
-            data = {"manifest": f"{manifest} is not valid JSON"}
-    if data:
-        md += ["## Data", "", _kv_table(data) if isinstance(data, dict) else str(data), ""]
-    if sections.get("tokenizer"):
-        md += ["## Tokenizer", "", _kv_table(sections["tokenizer"]), ""]
-
+    if sections.get("evals"):
+        md += ["## Evaluation", "", "Loss in nats per token; ± is one standard error (clustered by sequence).", "",
+               format_table(sections["evals"], EVAL_COLUMNS), ""]
+    if sections.get("benchmarks"):
+        md += ["## Benchmarks", "", format_table(sections["benchmarks"], BENCH_COLUMNS), ""]
+    if sections.get("answers"):
+        md += ["## Answers to held-out questions", ""]
+        for a in sections["answers"]:
+            md += [f"**Q:** {a.get('question', '')}", "", _quote(a.get("answer", "")), ""]
     plots = sections.get("plots")
     if plots is None:  # draw the loss curves of whatever stages have metrics
         plots = {}
@@ -268,21 +263,35 @@ def write_report(run_dir: str | Path, sections: dict) -> Path:
                 rel = p.resolve()
             md += [f"**{label}**", "", f"![{label}]({rel.as_posix()})", ""]
 
-    if sections.get("evals"):
-        md += ["## Evaluation", "", "Loss in nats per token; ± is one standard error (clustered by sequence).", "",
-               format_table(sections["evals"], EVAL_COLUMNS), ""]
-    if sections.get("benchmarks"):
-        md += ["## Benchmarks", "", format_table(sections["benchmarks"], BENCH_COLUMNS), ""]
-    if sections.get("answers"):
-        md += ["## Answers to held-out questions", ""]
-        for a in sections["answers"]:
-            md += [f"**Q:** {a.get('question', '')}", "", _quote(a.get("answer", "")), ""]
+    data = sections.get("data")
+    manifest = run_dir / "data" / "manifest.json"
+    if data is None and manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text())
+        except json.JSONDecodeError:
+            data = {"manifest": f"{manifest} is not valid JSON"}
+    if isinstance(data, dict) and "splits" in data:  # a manifest: a summary here, the details stay in the file
+        summary = {}
+        for split, v in data["splits"].items():
+            summary[f"{split}: documents"] = v.get("documents")
+            summary[f"{split}: bytes"] = v.get("bytes")
+        for key in ("documents_read", "documents_kept", "dropped", "read_errors", "masked", "stopped_by"):
+            if data.get(key):
+                summary[key] = data[key]
+        data = summary
+    if data:
+        md += ["## Data", "", _kv_table(data) if isinstance(data, dict) else str(data), ""]
+    if sections.get("tokenizer"):
+        md += ["## Tokenizer", "", _kv_table(sections["tokenizer"]), ""]
+
     if sections.get("samples"):
         md += ["## Samples", ""]
         for s in sections["samples"]:
             head = f"step {s['step']}: " if "step" in s else ""
             md += [f"**{head}{s.get('prompt', '')}**", "", _quote(s.get("text", "")), ""]
 
+    if sections.get("config"):
+        md += ["## Config", "", _kv_table(sections["config"]), ""]
     text = "\n".join(md).rstrip() + "\n"
     md_path = run_dir / "report.md"
     md_path.write_text(text, encoding="utf-8")

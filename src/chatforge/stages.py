@@ -517,6 +517,12 @@ def run(args: Namespace) -> int:
         embeddings(cfg, paths, args.stage, args.checkpoint, args.near, args.plot, args.k)
     elif cmd == "report":
         print(f"report: {report(cfg, paths)}")
+    elif cmd == "compare":
+        from .report import compare_runs
+        for r in args.runs:
+            if not any((Path(r) / s / "metrics.jsonl").exists() for s in ("pretrain", "finetune")):
+                raise UserError(f"{r} has no training metrics (pretrain/ or finetune/metrics.jsonl)")
+        print(f"compare: {compare_runs(args.runs[0], args.runs[1], args.out)}")
     elif cmd == "demo":
         demo(cfg, paths, args.force)
     return 0

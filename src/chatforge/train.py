@@ -39,7 +39,6 @@ IGNORE = -100
 # Peak dense bf16 FLOP/s per device, for MFU. Estimates: MFU is a yardstick, not a measurement.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12, "L4": 121e12,
               "A10": 125e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
-CPU_PEAK_FLOPS = 125e9  # fp32, estimated for this 2-core build machine (AVX2 FMA); other CPUs differ
 MPS_PEAK_FLOPS = 10e12  # rough Apple-silicon estimate
 
 
@@ -50,7 +49,21 @@ def peak_flops(device: torch.device) -> float:
             if key in name:
                 return flops
         return 100e12
-    return MPS_PEAK_FLOPS if device.type == "mps" else CPU_PEAK_FLOPS
+    return MPS_PEAK_FLOPS if device.type == "mps" else cpu_peak_flops()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_peak_flops() -> float:
+    """CPUs vary too much for a table: measure the best fp32 matmul rate here (about half a second)."""
+    best, g = 0.0, torch.Generator().manual_seed(0)  # own generator: the training RNG stream stays untouched
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        a @ b
+        t0 = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        best = max(best, 3 * 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,252 @@
+"""The fine-tuning stage on a tiny real run: chat SFT (full and LoRA), continued pretraining, a Hugging Face
+starting point, the evidence file, exact LoRA resume, bad input skipped and counted."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatforge import stages
+from chatforge.checkpoint import load_model, resolve_checkpoint
+from chatforge.config import load_config
+from chatforge.data.loader import IGNORE, SFTLoader
+from chatforge.engine import Engine
+from chatforge.errors import UserError
+from chatforge.finetune import load_start, run_finetune
+from chatforge.lora import load_adapter
+from chatforge.paths import RunPaths
+from chatforge.tokenizer import Tokenizer
+
+NAMES = ["Ada", "Bob", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kit", "Lu", "Max", "Ned", "Oz", "Pam"]
+TINY = ["tokenizer.vocab_size=400", "model.n_layer=2", "model.n_head=2", "model.n_kv_head=1", "model.n_embd=32",
+        "model.seq_len=64", "data.max_bytes=300000",
+        "train.steps=30", "train.batch_size=8", "train.eval_every=0", "train.eval_batches=2", "train.warmup_steps=2",
+        "train.lr=0.01", "train.device=cpu", "train.compile=off",
+        "finetune.steps=40", "finetune.batch_size=8", "finetune.eval_every=20", "finetune.eval_batches=2",
+        "finetune.warmup_steps=2", "finetune.lr=0.01", "finetune.device=cpu", "finetune.compile=off",
+        "eval.max_batches=2", "generate.max_new_tokens=16"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest and kind to a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
+def hello_records(n: int = 300) -> list[dict]:
+    """Short, learnable chats: a model that learns them also learns to stop after the reply."""
+    return [{"instruction": f"Say hello to {NAMES[i % len(NAMES)]}{i}.", "output": f"Hello, {NAMES[i % len(NAMES)]}{i}!"}
+            for i in range(n)]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """prepare (stdlib text + the hello chats) -> tokenizer -> encode -> 30 pretraining steps: about 3 s."""
+    root = tmp_path_factory.mktemp("ft")
+    chat = write_jsonl(root / "chat.jsonl", hello_records())
+    cfg = load_config(None, TINY + [f"sft.inputs=[{chat}]"])
+    paths = RunPaths(root / "base")
+    stages.prepare(cfg, paths)
+    stages.tokenizer(cfg, paths)
+    stages.encode(cfg, paths)
+    stages.pretrain(cfg, paths)
+    return cfg, paths
+
+
+def clone_run(base_run, tmp_path, *overrides: str):
+    """A copy of the base run (so tests don't see each other's fine-tunes), with config overrides."""
+    cfg, paths = base_run
+    dst = RunPaths(tmp_path / "run")
+    shutil.copytree(paths.root, dst.root, ignore=shutil.ignore_patterns("finetune"))
+    return load_config(None, TINY + [f"sft.inputs=[{cfg.sft.inputs[0]}]", *overrides]), dst
+
+
+def losses(metrics: Path) -> dict:
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return {kind: {r["step"]: r[key] for r in recs if r["kind"] == kind} for kind, key in (("train", "loss"), ("val", "val_loss"))}
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_full_sft_writes_evidence(base_run, tmp_path):
+    cfg, paths = clone_run(base_run, tmp_path)
+    out = run_finetune(cfg, paths, eval_prompts=10)
+    ev = json.loads((paths.finetune / "finetune_eval.json").read_text())
+    assert ev == json.loads(json.dumps(out["eval"], default=float))
+    b, a = ev["before"], ev["after"]
+    assert a["chat_val_loss"] < b["chat_val_loss"] - 1.0  # the chats are learnable
+    assert a["domain_val_loss"] == a["chat_val_loss"]
+    assert b["general_val_loss"] is not None and a["general_val_loss"] is not None  # forgetting is measured
+    # Replies to held-out prompts: the base never stops, the fine-tuned model does.
+    assert a["prompts"] == 10 and len(a["replies"]) == 10
+    assert b["end_of_turn_share"] == 0.0 and a["end_of_turn_share"] >= 0.8
+    assert all(r["tokens"] <= 16 and isinstance(r["reply"], str) for r in a["replies"])
+    assert ev["data"]["train"]["examples"] > 200 and ev["lora"] is None
+    # Later stages read the fine-tuned checkpoint unchanged.
+    engine = Engine.from_run(paths.root, "finetune", device="cpu")
+    assert engine.chat([{"role": "user", "content": "Say hello to Bob1."}], max_new_tokens=8, temperature=0.0) != ""
+
+
+def test_lora_sft_adapter_merge_and_exact_resume(base_run, tmp_path):
+    cfg, paths = clone_run(base_run, tmp_path, "finetune.schedule=constant", "finetune.warmup_steps=0",
+                           "finetune.steps=6", "finetune.eval_every=3", "finetune.log_every=1")
+    base_ckpt = resolve_checkpoint(paths.pretrain / "ckpt", "best")
+    base_hash = sha(base_ckpt / "model.safetensors")
+    run_finetune(cfg, paths, lora_rank=4, lora_dropout=0.1, eval_prompts=2)
+    straight = losses(paths.finetune / "metrics.jsonl")
+
+    # The adapter alone, small; the merged model an ordinary checkpoint equal to base + adapter.
+    ad = paths.finetune / "adapter"
+    assert (ad / "adapter_model.safetensors").is_file() and (ad / "adapter_config.json").is_file()
+    merged_ckpt = resolve_checkpoint(paths.finetune / "ckpt", "best")
+    assert (ad / "adapter_model.safetensors").stat().st_size < (merged_ckpt / "model.safetensors").stat().st_size / 4
+    merged, meta = load_model(merged_ckpt)
+    assert meta["lora_merged"] and meta["lora"]["rank"] == 4
+    base, _ = load_model(base_ckpt)
+    with_adapter = load_adapter(base, ad).eval()
+    x = torch.randint(7, 400, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), with_adapter(x), atol=1e-5, rtol=0)
+    assert sha(base_ckpt / "model.safetensors") == base_hash  # the base checkpoint is untouched
+
+    # Stop at step 3, resume to 6: the same losses as the straight run, bit for bit.
+    cfg3, _ = clone_run(base_run, tmp_path / "x", "finetune.schedule=constant", "finetune.warmup_steps=0",
+                        "finetune.steps=3", "finetune.eval_every=3", "finetune.log_every=1")
+    run_finetune(cfg3, paths, lora_rank=4, lora_dropout=0.1, eval_prompts=0, force=True)
+    with pytest.raises(UserError, match="lora"):
+        run_finetune(cfg, paths, lora_rank=8, lora_dropout=0.1, eval_prompts=0, resume=True)
+    run_finetune(cfg, paths, lora_rank=4, lora_dropout=0.1, eval_prompts=0, resume=True)
+    resumed = losses(paths.finetune / "metrics.jsonl")
+    assert sorted(resumed["train"]) == [1, 2, 3, 4, 5, 6] and resumed == straight
+    # A full fine-tune cannot "resume" the merged LoRA checkpoint.
+    with pytest.raises(UserError, match="merged LoRA"):
+        run_finetune(cfg, paths, resume=True, eval_prompts=0)
+
+
+def test_continued_pretraining_on_domain_text(base_run, tmp_path):
+    cfg, paths = clone_run(base_run, tmp_path, "finetune.steps=30", "data.val_fraction=0.2")
+    domain = tmp_path / "domain"
+    domain.mkdir()
+    for i in range(20):  # a narrow "domain": a recipe-like register, learnable in a few steps
+        (domain / f"doc{i}.txt").write_text("\n".join(
+            f"Step {k}: stir the {['soup', 'sauce', 'dough'][(i + k) % 3]} for {k + i} minutes, then add salt."
+            for k in range(30)))
+    out = run_finetune(cfg, paths, mode="cpt", inputs=[str(domain)], eval_prompts=3)
+    ev = out["eval"]
+    assert ev["mode"] == "cpt" and (paths.finetune / "tokens" / "train").is_dir()
+    assert ev["after"]["domain_val_loss"] < ev["before"]["domain_val_loss"] - 0.5
+    assert ev["after"]["general_val_loss"] is not None and ev["after"]["chat_val_loss"] is not None
+    assert load_model(resolve_checkpoint(paths.finetune / "ckpt", "best"))[1]["mode"] == "cpt"
+    with pytest.raises(UserError, match="domain text"):
+        run_finetune(cfg, paths, mode="cpt", force=True)
+    with pytest.raises(UserError, match="mode"):
+        run_finetune(cfg, paths, mode="dpo", force=True)
+
+
+def hf_dir_from(tok_dir: Path, out: Path, arch: str) -> Path:
+    """A tiny randomly initialised transformers model saved locally, with our tokenizer files."""
+    import transformers
+
+    tok = Tokenizer.load(tok_dir)
+    common = dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+                  bos_token_id=0, eos_token_id=6, pad_token_id=2, tie_word_embeddings=arch == "llama")
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=8, **common))
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tok_dir / f, out / f)
+    return out, model.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_hf_starting_point_identical_logits(base_run, tmp_path, arch):
+    cfg, paths = base_run
+    hf_dir, hf_model = hf_dir_from(paths.tokenizer, tmp_path / "hf", arch)
+    fresh = RunPaths(tmp_path / "fresh")  # a run with no tokenizer yet: the HF folder's becomes the run's
+    model, tok, src, kind = load_start(cfg, fresh, str(hf_dir))
+    assert kind == "hf" and (fresh.tokenizer / "tokenizer.json").is_file() and tok.hash == Tokenizer.load(paths.tokenizer).hash
+    x = torch.randint(0, tok.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf_model(x).logits, atol=1e-5, rtol=1e-5)
+    if arch == "llama":  # fine-tune it end to end (chat data given with --input)
+        c = load_config(None, TINY + ["finetune.steps=4", "finetune.eval_every=0"])
+        out = run_finetune(c, fresh, init=str(hf_dir), inputs=cfg.sft.inputs, eval_prompts=2)
+        assert out["eval"]["init_kind"] == "hf" and out["eval"]["before"]["general_val_loss"] is None
+        assert Engine.from_run(fresh.root, "finetune", device="cpu").model.cfg.n_embd == 32
+
+
+def test_hf_tokenizer_without_our_special_tokens_is_refused(base_run, tmp_path):
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models, pre_tokenizers, trainers
+
+    cfg, paths = base_run
+    hf_dir, _ = hf_dir_from(paths.tokenizer, tmp_path / "hf", "llama")
+    foreign = HFTok(models.BPE())
+    foreign.pre_tokenizer = pre_tokenizers.ByteLevel()
+    foreign.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"]))
+    foreign.save(str(hf_dir / "tokenizer.json"))
+    with pytest.raises(UserError, match="chat tokens"):
+        load_start(cfg, RunPaths(tmp_path / "fresh"), str(hf_dir))
+
+
+def test_bad_chat_input_is_skipped_and_counted(base_run, tmp_path):
+    cfg, paths = clone_run(base_run, tmp_path, "finetune.steps=2", "finetune.eval_every=0")
+    long = " ".join(["word"] * 200)  # far longer than the 64-token context
+    bad = [
+        {"messages": []},
+        {"messages": [{"role": "user", "content": "hi"}]},  # no assistant turn
+        {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]},  # order
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 42}]},  # non-string
+        {"messages": [{"role": "user", "content": "Tell me a long story."}, {"role": "assistant", "content": long}]},
+        {"messages": [{"role": "user", "content": long}, {"role": "assistant", "content": "ok"}]},  # no room
+    ]
+    f = write_jsonl(tmp_path / "mixed.jsonl", bad + hello_records(40))
+    ev = run_finetune(cfg, paths, inputs=[str(f)], eval_prompts=0)["eval"]
+    assert ev["data"]["skipped"] == {"bad_order": 1, "empty": 1, "no_assistant": 1, "non_string_content": 1}
+    tr, va = ev["data"]["train"], ev["data"]["val"]
+    assert tr["truncated"] + va["truncated"] == 2  # both long conversations were cut to the context ...
+    assert tr["dropped"] + va["dropped"] == 1  # ... and the one with no assistant token left is dropped
+    assert tr["examples"] + va["examples"] == 41
+
+    only_bad = write_jsonl(tmp_path / "bad.jsonl", bad[:4])
+    with pytest.raises(UserError, match="no usable chat examples") as e:
+        run_finetune(cfg, paths, inputs=[str(only_bad)], force=True)
+    assert "\n" not in str(e.value)
+
+
+def test_end_of_turn_is_a_training_target_in_loader_batches(base_run):
+    _, paths = base_run
+    tok = Tokenizer.load(paths.tokenizer)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Bye now."}]
+    ids, mask = tok.render_chat(msgs)
+    for pack in (True, False):
+        batch = SFTLoader([(ids, mask), (ids, mask)], 1, 64, pad_id=tok.pad_id, pack=pack).next_batch()
+        x, y = batch["x"][0].tolist(), batch["y"][0].tolist()
+        # Position i predicts ids[i + 1]: every <|end|> that closes an assistant turn is a target ...
+        closes = [i for i in range(len(ids) - 1) if ids[i + 1] == tok.end_id]
+        assistant_ends = [i for i in closes if mask[i + 1]]
+        assert len(closes) == 5 and len(assistant_ends) == 2
+        for i in assistant_ends:
+            assert x[i] == ids[i] and y[i] == tok.end_id
+        # ... while the <|end|> of system and user turns is not.
+        for i in set(closes) - set(assistant_ends):
+            assert y[i] == IGNORE

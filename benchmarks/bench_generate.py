@@ -1,13 +1,15 @@
 """Batch-1 greedy generation speed: chatforge Engine vs transformers generate() on the exported model.
 
 Same weights, same prompt, same number of new tokens; the greedy tokens must be identical.
-    python benchmarks/bench_generate.py [--layers 4 --width 256 --new-tokens 200 --device cpu]
+    python benchmarks/bench_generate.py [--layers 4 --width 256 --new-tokens 200 --threads 1 --rounds 7]
+Both run with the same torch thread count; the ratio printed is the median over paired rounds.
 """
 from __future__ import annotations
 
 import argparse
 import inspect
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,17 +33,19 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t, out
 
 
-def best_times(fns: list, repeats: int) -> list[tuple[float, object]]:
-    """Best-of-N wall time of each function, runs interleaved so load on a shared machine hits all alike."""
-    for fn in fns:
-        fn()  # warm-up: allocator, kernels, lazy imports
-    best = [(float("inf"), None)] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t, out = timed(fn)
-            if t < best[i][0]:
-                best[i] = (t, out)
-    return best
+def paired_rounds(ours, theirs, rounds: int) -> tuple[list[float], list[float], object, object]:
+    """Times of both per round, run back to back with the order alternating each round.
+
+    On a shared machine the load drifts; a pair run seconds apart sees about the same load, so the per-round
+    ratio is steadier than either time, and its median ignores the odd round hit by a burst.
+    """
+    a, b = ours(), theirs()  # warm-up: allocator, kernels, lazy imports, fused weights
+    t_ours, t_theirs = [], []
+    for r in range(rounds):
+        order = [(ours, t_ours), (theirs, t_theirs)]
+        for fn, times in (order if r % 2 == 0 else order[::-1]):
+            times.append(timed(fn)[0])
+    return t_ours, t_theirs, a, b
 
 
 def main() -> None:
@@ -51,7 +55,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=200)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7, help="paired rounds (ours, theirs alternating)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads for both (batch-1 decoding of a small model is fastest on one)")
@@ -86,15 +90,19 @@ def main() -> None:
         with torch.inference_mode():
             return hf.generate(x, generation_config=gcfg, attention_mask=torch.ones_like(x))[0, len(prompt):].tolist()
 
-    (t_ours, a), (t_hf, b) = best_times([ours, theirs], args.repeats)
+    t_ours, t_hf, a, b = paired_rounds(ours, theirs, args.rounds)
     assert len(a) == len(b) == args.new_tokens, (len(a), len(b))
     assert a == b, "greedy tokens differ between chatforge and transformers"
     n = args.new_tokens
+    med = statistics.median
+    ratios = sorted(h / o for o, h in zip(t_ours, t_hf))
     print(f"model: {args.layers} layers, width {args.width}, {model.num_params() / 1e6:.2f}M params, "
-          f"device {device}, {torch.get_num_threads()} CPU threads")
-    print(f"chatforge Engine:        {n / t_ours:8.1f} tokens/s ({t_ours * 1000 / n:.2f} ms/token)")
-    print(f"transformers generate(): {n / t_hf:8.1f} tokens/s ({t_hf * 1000 / n:.2f} ms/token)")
-    print(f"identical greedy tokens: yes ({n}); speed ratio chatforge/transformers: {t_hf / t_ours:.2f}x")
+          f"device {device}, {torch.get_num_threads()} CPU threads (both), {n} new tokens, batch 1, greedy")
+    print(f"chatforge Engine:        {n / med(t_ours):8.1f} tokens/s ({med(t_ours) * 1000 / n:.2f} ms/token, median)")
+    print(f"transformers generate(): {n / med(t_hf):8.1f} tokens/s ({med(t_hf) * 1000 / n:.2f} ms/token, median)")
+    print(f"identical greedy tokens: yes ({n})")
+    print(f"speed ratio chatforge/transformers: {med(ratios):.2f}x median of {len(ratios)} paired rounds "
+          f"(min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x)")
 
 
 if __name__ == "__main__":

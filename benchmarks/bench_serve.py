@@ -11,7 +11,7 @@ import inspect
 import json
 import socket
 import statistics
-import threading
+import multiprocessing
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +20,8 @@ import httpx
 import torch
 
 
-def start_server(args) -> tuple[str, object]:
+def run_server(args, port: int) -> None:
+    """Child process: build the engine and serve it until killed."""
     import uvicorn
 
     from chatforge.config import ModelConfig, TokenizerConfig
@@ -29,6 +30,8 @@ def start_server(args) -> tuple[str, object]:
     from chatforge.serve import create_app
     from chatforge.tokenizer import Tokenizer
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.run:
         engine = Engine.from_run(Path(args.run), stage=args.stage, device=args.device)
     else:
@@ -37,15 +40,27 @@ def start_server(args) -> tuple[str, object]:
         torch.manual_seed(0)
         cfg = ModelConfig(n_layer=4, n_embd=256, seq_len=512, vocab_size=tok.vocab_size, init_std=0.1)
         engine = Engine(GPT(cfg), tok, device=args.device)
+    uvicorn.run(create_app(engine, "bench"), host="127.0.0.1", port=port, log_level="warning")
+
+
+def start_server(args) -> tuple[str, multiprocessing.Process]:
+    """A server in its own process, so the clients' threads do not share its interpreter lock."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, "bench"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server
+    proc = multiprocessing.get_context("spawn").Process(target=run_server, args=(args, port), daemon=True)
+    proc.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return url, proc
+        except httpx.HTTPError:
+            pass
+        if not proc.is_alive() or time.time() > deadline:
+            raise SystemExit("the server did not start")
+        time.sleep(0.2)
 
 
 def one_request(client: httpx.Client, url: str, i: int, args) -> tuple[bool, float, int, float]:
@@ -93,6 +108,7 @@ def main() -> None:
     ap.add_argument("--run", help="run dir to serve (default: a tiny random model)")
     ap.add_argument("--stage", default="finetune")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in the server (0: torch's default)")
     args = ap.parse_args()
 
     url, server = (args.url.rstrip("/"), None) if args.url else start_server(args)
@@ -118,7 +134,8 @@ def main() -> None:
         print(f"time to first token p50 {pct(ttft, 0.5) * 1000:.0f} ms, p95 {pct(ttft, 0.95) * 1000:.0f} ms")
     print(f"throughput: {len(ok) / wall:.1f} requests/s, {tokens / wall:.1f} completion tokens/s")
     if server is not None:
-        server.should_exit = True
+        server.terminate()
+        server.join(timeout=10)
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ def test_fast_decode_path_matches_plain_forward(tok, kw):
     assert eng.generate(prompts, 25, temperature=0) == eng.generate(prompts, 25, temperature=0, use_cache=False)
     # And the logits themselves agree closely, step by step.
     ids = torch.tensor([prompts[0]])
-    cache = model.new_cache(1, 64)
+    cache = eng.new_cache(1, 64)
     with torch.inference_mode():
         eng._forward(ids, torch.arange(ids.shape[1])[None], None, cache)
         nxt = torch.tensor([[11]])
@@ -235,3 +235,37 @@ def test_stream_resumed_on_other_threads(engine, tok):
             break
         got.append(box[0])
     assert got == want and torch.is_grad_enabled()
+
+
+def test_fused_weights_follow_weight_updates(tok):
+    # An engine kept across training steps must not decode with stale fused copies of the weights.
+    model = make_model(tok, seed=5)
+    eng = Engine(model, tok)
+    prompt = [tok.bos_id] + tok.encode("Hello")
+    before = eng.generate(prompt, 20, temperature=0)
+    with torch.no_grad():
+        for b in model.layers:  # an in-place update, as an optimizer step makes
+            b.self_attn.q_proj.weight.mul_(-3.0)
+            b.mlp.up_proj.weight.add_(0.3 * torch.randn_like(b.mlp.up_proj.weight))
+    after = eng.generate(prompt, 20, temperature=0)
+    assert after != before
+    assert after == eng.generate(prompt, 20, temperature=0, use_cache=False)
+
+
+def test_lora_wrapped_projections_decode_through_their_adapters(tok):
+    pytest.importorskip("peft")
+    from chatforge.lora import LoraSettings, add_lora
+
+    model = make_model(tok, seed=6)
+    prompt = [tok.bos_id] + tok.encode("Once upon")
+    base = Engine(model, tok).generate(prompt, 20, temperature=0)
+    add_lora(model, LoraSettings(rank=4))  # wraps the projections in place
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    eng = Engine(model.eval(), tok)
+    cached = eng.generate(prompt, 20, temperature=0)
+    assert cached != base  # the adapters are in effect...
+    assert cached == eng.generate(prompt, 20, temperature=0, use_cache=False)  # ...on the cached path too

@@ -5,10 +5,13 @@ real token) and an attention mask hides the padding, so a row's tokens are the s
 The engine drives the model's blocks itself (embed -> blocks -> norm -> lm_head) because GPT.forward has
 no padding mask; it also runs the vocabulary projection only for the last position, the one we sample from.
 
-Decoding one token at a time is bound by per-operation overhead, not arithmetic, for models of this size:
-`_decode_step` is a lean re-statement of a block for a single new position (q/k/v and gate/up projections
-fused into one matmul each, fused RMSNorm, no module-call machinery): about 3x fewer kernel launches.
-It must stay numerically the same function as model.Block; tests compare it with the plain forward.
+Decoding one token at a time is bound by per-operation overhead (and, for bigger models, by reading the
+weights), not arithmetic: `_decode_step` is a lean re-statement of a block for a single new position: q/k/v
+and gate/up projections fused into one matmul each, fused RMSNorm, RoPE on the q and k heads at once with a
+roll instead of rotate-half's slice/negate/concatenate, in-place elementwise work, the new key and value
+stored with one copy into a joint K/V buffer (FusedKVCache), no module-call machinery. It must stay
+numerically the same function as model.Block; tests compare it with the plain forward and with transformers.
+torch.compile of this step was measured and not adopted: on CPU it cost ~35 s of compilation for ~10%.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .model import GPT, KVCache, apply_rope
+from .model import GPT
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -107,48 +110,85 @@ class Engine:
         return cls(model, tok, device=dev)
 
     # ---- the forward pass -----------------------------------------------------------------------
-    def _fused(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer: concatenated q/k/v weights and gate/up weights (copies, made once, on first use)."""
-        if getattr(self, "_fused_weights", None) is None:
+    def new_cache(self, batch: int, max_len: int) -> "FusedKVCache":
+        c = self.model.cfg
+        w = self.model.embed_tokens.weight
+        return FusedKVCache(c.n_layer, batch, c.n_kv_head, max_len, c.head_dim, device=w.device, dtype=w.dtype)
+
+    def _prepared(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer: (input norm, fused q/k/v, q/k norm or None, o, post norm, fused gate/up, down) weights.
+
+        Fused weights are concatenated copies, made on first use and again whenever a parameter has changed
+        since (an Engine kept across training steps must not decode with stale copies).
+        """
+        key = tuple(p._version for p in self.model.parameters())
+        if getattr(self, "_layers_key", None) != key:
+            c = self.model.cfg
             with torch.inference_mode():
-                self._fused_weights = [
-                    (torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight]),
-                     torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]))
-                    for b in self.model.layers]
-        return self._fused_weights
+                layers = []
+                for b in self.model.layers:
+                    a = b.self_attn
+                    qk_norm = None
+                    if a.q_norm is not None:  # one (H + KV, D) weight: q heads use q_norm's, k heads k_norm's
+                        qk_norm = torch.cat([a.q_norm.weight.expand(c.n_head, -1),
+                                             a.k_norm.weight.expand(c.n_kv_head, -1)])
+                    layers.append((b.input_layernorm.weight,
+                                   torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                                   qk_norm, a.o_proj.weight, b.post_attention_layernorm.weight,
+                                   torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]),
+                                   b.mlp.down_proj.weight))
+                # rotate_half(x) * sin == roll(x, D/2) * sin_signed, with the first half of sin negated (exact).
+                half = c.head_dim // 2
+                self._sin_signed = torch.cat([-self.model.rope_sin[:, :half], self.model.rope_sin[:, half:]], -1)
+            self._layers, self._layers_key = layers, key
+        return self._layers
+
+    def _plain_linears(self) -> bool:
+        """The fused decode step reads the projections' weights; wrapped layers (LoRA adapters) need their forward."""
+        return all(type(mod) is torch.nn.Linear for b in self.model.layers
+                   for mod in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj, b.self_attn.o_proj,
+                               b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj))
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        eps = self.model.cfg.norm_eps
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), w, eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * w  # fp32 statistics, as RMSNorm
 
     def _decode_step(self, tok: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
-                     cache: KVCache) -> torch.Tensor:
-        """One new token per row after a filled cache: tok, pos (B, 1) -> logits (B, vocab). Same math as Block."""
+                     cache: "FusedKVCache") -> torch.Tensor:
+        """One new token per row after a filled cache: tok, pos (B, 1) -> logits (B, vocab). Same math as Block.
+
+        Activations stay 2-D (B, features) and most elementwise work happens in place; RoPE is applied to the q
+        and k heads together, and the new key and value go into the cache with one copy.
+        """
         m, c = self.model, self.model.cfg
+        layers = self._layers if getattr(self, "_layers", None) is not None else self._prepared()
         B = tok.shape[0]
-        H, KV, D, eps = c.n_head, c.n_kv_head, c.head_dim, c.norm_eps
-        cos = m.rope_cos[pos].unsqueeze(1)  # (B, 1, 1, D)
-        sin = m.rope_sin[pos].unsqueeze(1)
+        H, KV, D = c.n_head, c.n_kv_head, c.head_dim
+        hid = layers[0][5].shape[0] // 2
+        cos = m.rope_cos[pos]  # (B, 1, D): broadcasts over the heads of (B, heads, D)
+        sin = self._sin_signed[pos]
         at = cache.pos
-        x = m.embed_tokens(tok)  # (B, 1, E)
-        for i, (block, (w_qkv, w_gu)) in enumerate(zip(m.layers, self._fused())):
-            attn = block.self_attn
-            h = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * block.input_layernorm.weight
-            qkv = F.linear(h, w_qkv).view(B, 1, H + 2 * KV, D).transpose(1, 2)  # (B, H + 2KV, 1, D)
-            q, k, v = qkv.split([H, KV, KV], dim=1)
-            if attn.q_norm is not None:
-                q = F.rms_norm(q.float(), (D,), eps=eps).to(q.dtype) * attn.q_norm.weight
-                k = F.rms_norm(k.float(), (D,), eps=eps).to(k.dtype) * attn.k_norm.weight
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            cache.k[i][:, :, at:at + 1] = k
-            cache.v[i][:, :, at:at + 1] = v
-            y = F.scaled_dot_product_attention(q, cache.k[i][:, :, :at + 1], cache.v[i][:, :, :at + 1],
-                                               attn_mask=mask, enable_gqa=KV != H)
-            x = x + attn.o_proj(y.transpose(1, 2).reshape(B, 1, H * D))
-            h = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * block.post_attention_layernorm.weight
-            gate, up = F.linear(h, w_gu).chunk(2, dim=-1)
-            x = x + block.mlp.down_proj(F.silu(gate) * up)
+        x = F.embedding(tok[:, 0], m.embed_tokens.weight)  # (B, E)
+        for buf, (w_in, w_qkv, w_qkn, w_o, w_post, w_gu, w_down) in zip(cache.kv, layers):
+            qkv = F.linear(self._norm(x, w_in), w_qkv).view(B, H + 2 * KV, D)
+            qk = qkv[:, :H + KV]
+            if w_qkn is not None:
+                qk.copy_(F.rms_norm(qk.float(), (D,), eps=c.norm_eps).to(qk.dtype) * w_qkn)
+            rot = torch.roll(qk, D // 2, -1).mul_(sin)
+            qk.mul_(cos).add_(rot)
+            buf[:, :, at] = qkv[:, H:]  # roped key heads, then value heads
+            y = F.scaled_dot_product_attention(qkv[:, :H].unsqueeze(2), buf[:, :KV, :at + 1],
+                                               buf[:, KV:, :at + 1], attn_mask=mask, enable_gqa=KV != H)
+            x = x + F.linear(y.view(B, H * D), w_o)
+            gu = F.linear(self._norm(x, w_post), w_gu)
+            x = x + F.linear(F.silu(gu[:, :hid]).mul_(gu[:, hid:]), w_down)
         cache.pos += 1
-        return m.lm_head(m.norm(x[:, -1]))
+        return F.linear(self._norm(x, m.norm.weight), m.lm_head.weight)
 
     def _forward(self, idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
-                 cache: KVCache | None) -> torch.Tensor:
+                 cache: "FusedKVCache | None") -> torch.Tensor:
         """Logits of the last position. idx, pos (B, T); mask (B, 1, T, S) bool or None (plain causal)."""
         m = self.model
         cos = m.rope_cos[pos].unsqueeze(1)
@@ -183,7 +223,10 @@ class Engine:
         total = L + max_new_tokens
         # Key j is visible to row b iff j >= pad[b]; a query always sees itself, so padding rows stay finite.
         key_ok = torch.arange(total, device=dev).unsqueeze(0) >= pad.unsqueeze(1)  # (B, total)
-        cache = self.model.new_cache(B, max_len=total) if use_cache else None
+        cache = self.new_cache(B, total) if use_cache else None
+        fast = self._plain_linears()
+        if fast and use_cache:
+            self._prepared()  # (re)build the fused weights once per call, not per token
 
         def full_mask(t: int) -> torch.Tensor | None:
             if not padded:
@@ -209,7 +252,8 @@ class Engine:
                 t = ids.shape[1]
                 if cache is not None:
                     mask = key_ok[:, None, None, :t] if padded else None
-                    logits = self._decode_step(ids[:, -1:], pos_all[:, t - 1:t], mask, cache)
+                    step_fn = self._decode_step if fast else self._forward
+                    logits = step_fn(ids[:, -1:], pos_all[:, t - 1:t], mask, cache)
                 else:
                     logits = self._forward(ids, pos_all[:, :t], full_mask(t), None)
 
@@ -336,3 +380,25 @@ def _held_back(text: str, stop_strings: Sequence[str]) -> int:
                 best = k
                 break
     return best
+
+
+class FusedKVCache:
+    """Keys and values of every layer, one (B, 2 * KV heads, S, D) buffer per layer: keys first, then values.
+
+    It answers Attention's `update` like model.KVCache (the prefill runs the model's own blocks), and lets a
+    decode step store a new key and value with one copy, straight from the fused q/k/v projection.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
+                 device=None, dtype=torch.float32):
+        self.kv = [torch.zeros(batch, 2 * n_kv_head, max_len, head_dim, device=device, dtype=dtype)
+                   for _ in range(n_layer)]
+        self.n_kv_head = n_kv_head
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        buf, n, end = self.kv[layer], self.n_kv_head, self.pos + k.shape[2]
+        buf[:, :n, self.pos:end] = k
+        buf[:, n:, self.pos:end] = v
+        return buf[:, :n, :end], buf[:, n:, :end]

@@ -1,0 +1,96 @@
+"""The web chat page, driven in headless Chromium: type a message, press Send, watch the reply stream in.
+
+Needs the `playwright` Python package and the system Chromium at /usr/bin/chromium (Debian: apt-get install
+chromium); `playwright install` is never run, so no browser is downloaded. Skips cleanly when either is absent.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatforge.config import ModelConfig, TokenizerConfig
+from chatforge.engine import Engine
+from chatforge.model import GPT
+from chatforge.serve import create_app
+from chatforge.tokenizer import Tokenizer
+
+CHROMIUM = os.environ.get("CHATFORGE_CHROMIUM", "/usr/bin/chromium")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+uvicorn = pytest.importorskip("uvicorn")
+if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, how are you today?"] * 5
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    tok = Tokenizer.train(CORPUS, TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1))
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, seq_len=128, vocab_size=tok.vocab_size,
+                      init_std=0.2)
+    engine = Engine(GPT(cfg), tok, device="cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny-web"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_web_chat_streams_a_reply(server_url):
+    shot = Path(tempfile.gettempdir()) / "chatforge_webui.png"
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server_url + "/")
+            assert "tiny-web" in page.title()
+            page.fill("#max_tokens", "40")
+            page.fill("#temperature", "0")
+            page.fill("#input", "Hello there")
+            # Catch the page's own request, to check the reply came over SSE in pieces, not in one block.
+            with page.expect_response(lambda r: r.url.endswith("/v1/chat/completions")) as resp_info:
+                page.click("#send")
+            resp = resp_info.value
+            assert resp.status == 200 and resp.headers["content-type"].startswith("text/event-stream")
+            page.wait_for_selector(".msg.user")
+            # The reply bubble fills in as deltas arrive; Send is re-enabled when the stream has ended.
+            page.wait_for_function("document.querySelector('.msg.assistant')?.textContent.length > 0",
+                                   timeout=20_000)
+            page.wait_for_function("!document.getElementById('send').disabled", timeout=20_000)
+            reply = page.eval_on_selector(".msg.assistant", "e => e.textContent")
+            page.screenshot(path=str(shot))
+            assert page.inner_text(".msg.user") == "Hello there"
+            assert reply.strip(), "the assistant bubble stayed empty"
+            assert page.query_selector(".msg.error") is None, page.inner_text(".msg.error")
+            assert not errors, errors
+            events = [line[6:] for line in resp.text().splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            deltas = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-1]]
+            deltas = [d for d in deltas if d]
+            assert len(deltas) >= 2 and "".join(deltas) == reply  # streamed in pieces, all of them shown
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 1000

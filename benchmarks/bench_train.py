@@ -1,12 +1,17 @@
 """Training steps/s: our GPT vs transformers' LlamaForCausalLM of the same architecture (CPU, fp32).
 
-Both get the same weights, batch, loss and AdamW step; only the model code differs.
+Every variant gets the same weights, batch, loss and optimizer (AdamW, fused on CPU as chatforge's trainer
+uses it); only the model code and whether torch.compile is applied differ. The machine may be shared, so
+the variants run paired: each round times a few steps of every variant back to back (rotating the order),
+and the reported ratio is the median over rounds of (variant steps/s) / (HF eager steps/s).
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 20] [--layers 4] [--embd 256] [--seq 256] [--batch 8]
+    .venv/bin/python benchmarks/bench_train.py [--rounds 7] [--steps 2] [--threads 2] [--no-compile] [--hf-compile]
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import time
 
 import torch
@@ -28,18 +33,21 @@ def hf_twin(cfg: ModelConfig):
     return hf
 
 
-def bench(step_fn, steps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        step_fn()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step_fn()
-    return steps / (time.perf_counter() - t0)
+def make_step(model, logits_of, x, y, vocab: int):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # fused AdamW runs on CPU since torch 2.4
+
+    def step():
+        loss = F.cross_entropy(logits_of(model, x).reshape(-1, vocab), y.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=2, help="steps per variant per round")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--embd", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
@@ -47,6 +55,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd chatforge variant")
+    ap.add_argument("--hf-compile", action="store_true", help="also time torch.compile'd HF (the fair peer)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cfg = ModelConfig(n_layer=a.layers, n_head=a.heads, n_kv_head=a.heads, n_embd=a.embd, seq_len=a.seq,
@@ -59,24 +69,49 @@ def main() -> None:
     assert not [k for k in missing.missing_keys if "lm_head" not in k], missing
     x = torch.randint(0, a.vocab, (a.batch, a.seq))
     y = torch.randint(0, a.vocab, (a.batch, a.seq))
+    with torch.no_grad():  # same weights -> same logits: the comparison is between equal models
+        diff = (ours(x) - theirs(input_ids=x).logits).abs().max().item()
 
-    def make_step(model, logits_of):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # Each variant trains its own copy of the weights (the optimizer steps must not interfere).
+    copy_of = copy.deepcopy
 
-        def step():
-            loss = F.cross_entropy(logits_of(model, x).reshape(-1, a.vocab), y.reshape(-1))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
+    variants = {"HF eager": make_step(copy_of(theirs), lambda m, x: m(input_ids=x).logits, x, y, a.vocab),
+                "chatforge eager": make_step(copy_of(ours), lambda m, x: m(x), x, y, a.vocab)}
+    if not a.no_compile:
+        m = copy_of(ours)
+        cm = torch.compile(m)
+        variants["chatforge compiled"] = make_step(m, lambda _, x: cm(x), x, y, a.vocab)
+    if a.hf_compile:
+        m = copy_of(theirs)
+        cm_hf = torch.compile(m)
+        variants["HF compiled"] = make_step(m, lambda _, x: cm_hf(input_ids=x).logits, x, y, a.vocab)
 
-    ours_sps = bench(make_step(ours, lambda m, x: m(x)), a.steps)
-    hf_sps = bench(make_step(theirs, lambda m, x: m(input_ids=x).logits), a.steps)
+    warm = {}
+    for name, step in variants.items():  # warm-up; for compiled variants this is the compile time
+        t0 = time.perf_counter()
+        step()
+        step()
+        warm[name] = time.perf_counter() - t0
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    names = list(variants)
+    for r in range(a.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                variants[name]()
+            times[name].append((time.perf_counter() - t0) / a.steps)
+
     tok = a.batch * a.seq
-    print(f"model {ours.num_params() / 1e6:.2f}M params, batch {a.batch}x{a.seq}, {a.threads} threads, fp32 CPU")
-    print(f"chatforge GPT      : {ours_sps:6.2f} steps/s ({ours_sps * tok:,.0f} tok/s)")
-    print(f"HF LlamaForCausalLM: {hf_sps:6.2f} steps/s ({hf_sps * tok:,.0f} tok/s)")
-    print(f"ratio ours/HF: {ours_sps / hf_sps:.2f}x")
+    print(f"model {ours.num_params() / 1e6:.2f}M params, batch {a.batch}x{a.seq}, {a.threads} threads, fp32 CPU, "
+          f"{a.rounds} rounds x {a.steps} steps, max |logit diff| ours vs HF {diff:.1e}")
+    base = times["HF eager"]
+    for name in names:
+        sps = 1 / statistics.median(times[name])
+        ratios = [b / t for b, t in zip(base, times[name])]
+        print(f"{name:20s}: {sps:6.3f} steps/s ({sps * tok:8,.0f} tok/s)  vs HF eager: median "
+              f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f})  "
+              f"warm-up {warm[name]:.1f}s")
 
 
 if __name__ == "__main__":

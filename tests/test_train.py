@@ -1,4 +1,5 @@
-"""The training loop: real learning, grad accumulation, NaN handling, optimizers, schedules, resume guards."""
+"""The training loop: real learning, grad accumulation, NaN handling, optimizers, schedules, resume guards,
+early stopping, fixed-prompt samples, bad-input errors."""
 from __future__ import annotations
 
 import json
@@ -14,9 +15,11 @@ from chatforge.data.loader import SFTLoader, TokenLoader, iter_eval_batches
 from chatforge.errors import UserError
 from chatforge.model import GPT
 from chatforge.optim import build_optimizer, lr_lambda
-from chatforge.train import train
+from chatforge.distributed import DistInfo
+from chatforge.train import resolve_grad_accum, train
 
-torch.set_num_threads(2)
+# One thread: on a shared 2-core machine a second OpenMP thread mostly waits for a time slice.
+torch.set_num_threads(1)
 
 
 def byte_corpus() -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +170,7 @@ def test_resume_refuses_a_different_model(tmp_path):
     cfg = TrainConfig(steps=2, batch_size=2, eval_every=0)
     train(tiny(), cfg, TokenLoader([tr], 2, 32), tmp_path, val_batches=None, meta={})
     other = GPT(ModelConfig(n_layer=1, n_head=2, n_kv_head=2, n_embd=48, seq_len=32, vocab_size=256))
-    with pytest.raises(UserError, match="model config differs"):
+    with pytest.raises(UserError, match=r"model config differs from this run.s \(changed: n_layer\)"):
         train(other, cfg, TokenLoader([tr], 2, 32), tmp_path, val_batches=None, meta={}, resume=True)
     with pytest.raises(UserError, match="no checkpoint"):
         train(tiny(), cfg, TokenLoader([tr], 2, 32), tmp_path / "new", val_batches=None, meta={}, resume=True)
@@ -192,3 +195,114 @@ def test_overfitting_warning(tmp_path):
     train(tiny(seq=16), cfg, TokenLoader([tr[:400]], 8, 16), tmp_path,
           val_batches=lambda: iter_eval_batches([va], 16, 16, max_batches=2), meta={}, log=logs.append)
     assert any("overfitting" in m for m in logs), [r for r in metrics(tmp_path) if r["kind"] == "val"]
+
+
+def test_resume_refuses_another_tokenizer(tmp_path):
+    tr, _ = byte_corpus()
+    cfg = TrainConfig(steps=2, batch_size=2, eval_every=0)
+    train(tiny(), cfg, TokenLoader([tr], 2, 32), tmp_path, val_batches=None, meta={"tokenizer_hash": "aaaa"})
+    with pytest.raises(UserError, match="trained with tokenizer aaaa, this run's is bbbb"):
+        train(tiny(), cfg, TokenLoader([tr], 2, 32), tmp_path, val_batches=None, meta={"tokenizer_hash": "bbbb"},
+              resume=True)
+
+
+def test_global_batch_tokens_sets_grad_accum_and_must_divide(tmp_path):
+    cfg = TrainConfig(batch_size=4, global_batch_tokens=4096)
+    assert resolve_grad_accum(cfg, 32, 1) == 32 and resolve_grad_accum(cfg, 32, 2) == 16
+    assert resolve_grad_accum(TrainConfig(grad_accum=3), 32, 5) == 3  # unset: grad_accum as given
+    with pytest.raises(UserError, match=r"global_batch_tokens=4096 is not a multiple of .* = 384; use 3840 or 4224"):
+        resolve_grad_accum(cfg, 32, 3)
+    tr, _ = byte_corpus()
+    with pytest.raises(UserError, match="not a multiple"):  # refused before any step runs
+        train(tiny(), TrainConfig(steps=1, batch_size=4, global_batch_tokens=4096), TokenLoader([tr], 4, 32),
+              tmp_path / "w3", val_batches=None, meta={}, dist=DistInfo(world=3))
+    assert not (tmp_path / "w3" / "metrics.jsonl").exists()
+    res = train(tiny(), TrainConfig(steps=2, batch_size=4, global_batch_tokens=512, eval_every=0, log_every=1),
+                TokenLoader([tr], 4, 32), tmp_path / "ok", val_batches=None, meta={})
+    assert res["tokens"] == 2 * 512  # 4 micro-batches of 4 x 32 per step
+
+
+def _write_shard(d: Path, tokens: np.ndarray, vocab: int) -> None:
+    from chatforge.data.shards import pack_header
+
+    d.mkdir(parents=True)
+    with open(d / "shard_00000.bin", "wb") as f:
+        f.write(pack_header(vocab, "0123456789abcdef", len(tokens), 1))
+        f.write(tokens.astype("<u2").tobytes())
+    np.save(d / "shard_00000.idx.npy", np.zeros(1, dtype=np.int64))
+
+
+def test_shards_with_a_bigger_vocabulary_than_the_model_are_refused(tmp_path):
+    tr, _ = byte_corpus()
+    _write_shard(tmp_path / "shards", tr[:5000], vocab=300)
+    loader = TokenLoader.from_dir(tmp_path / "shards", 2, 32)
+    assert loader.vocab_size == 300
+    with pytest.raises(UserError, match=r"shards in .*shards use a vocabulary of 300 but model.vocab_size is 256"):
+        train(tiny(vocab=256), TrainConfig(steps=1, batch_size=2), loader, tmp_path / "a", val_batches=None, meta={})
+    # No header to go by (plain arrays): the first batch with an id the model can't embed is refused.
+    bad = tr[:5000].astype(np.int64) + 200  # printable bytes (32..126) now reach past 255
+    with pytest.raises(UserError, match=r"token id \d+ but model.vocab_size is 256"):
+        train(tiny(vocab=256), TrainConfig(steps=1, batch_size=2), TokenLoader([bad], 2, 32), tmp_path / "b",
+              val_batches=None, meta={})
+
+
+def test_early_stopping_keeps_the_best_checkpoint_and_logs_the_gap(tmp_path):
+    """Validation on uniform noise: the best is the first evaluation, and learning the train text only
+    makes it worse, so patience 2 stops two evaluations later."""
+    tr, _ = byte_corpus()
+    noise = np.random.default_rng(0).integers(0, 256, 4000).astype(np.uint16)
+    cfg = TrainConfig(steps=40, batch_size=8, lr=1e-2, warmup_steps=0, eval_every=2, log_every=1,
+                      early_stop_patience=2, keep_last=1)
+    logs: list[str] = []
+    res = train(tiny(), cfg, TokenLoader([tr], 8, 32), tmp_path, val_batches=lambda: iter_eval_batches(
+        [noise], 8, 32, max_batches=2), meta={}, log=logs.append)
+    vals = [r for r in metrics(tmp_path) if r["kind"] == "val"]
+    assert res["early_stopped"] and res["step"] == 6 and [r["step"] for r in vals] == [2, 4, 6]
+    assert vals[0]["val_loss"] < vals[1]["val_loss"] and vals[0]["val_loss"] < vals[2]["val_loss"]
+    assert all(r["gap"] == pytest.approx(r["val_loss"] - r["train_loss"]) for r in vals)
+    best = json.loads((tmp_path / "ckpt" / "best.json").read_text())
+    assert best["step"] == 2 and (tmp_path / "ckpt" / "step_000002").is_dir()  # saved when it improved
+    assert json.loads((tmp_path / "ckpt" / "latest.json").read_text())["step"] == 6
+    assert any("early stop at step 6" in m for m in logs)
+
+
+def test_fixed_prompt_samples_are_logged_and_do_not_change_training(tmp_path):
+    tr, va = byte_corpus()
+    seen: list[tuple[int, bool]] = []
+
+    def on_eval(model, step):
+        seen.append((step, model.training))
+        x = torch.tensor([[104, 105]])
+        for _ in range(4):  # sampling draws from the global RNG, as generation does
+            nxt = torch.multinomial(model(x)[0, -1].softmax(-1), 1)
+            x = torch.cat([x, nxt[None]], dim=1)
+        return [{"prompt": "hi", "text": bytes(x[0].tolist()).decode("latin-1")}]
+
+    losses = []
+    for sample in (True, False):
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(n_layer=1, n_head=2, n_kv_head=2, n_embd=32, seq_len=32, vocab_size=256, dropout=0.2))
+        cfg = TrainConfig(steps=6, batch_size=4, eval_every=2, log_every=1, sample_every_eval=sample)
+        train(model, cfg, TokenLoader([tr], 4, 32), tmp_path / str(sample), on_eval=on_eval, meta={},
+              val_batches=lambda: iter_eval_batches([va], 4, 32, max_batches=1))
+        losses.append([r["loss"] for r in metrics(tmp_path / str(sample)) if r["kind"] == "train"])
+    assert seen == [(2, False), (4, False), (6, False)]
+    samples = [r for r in metrics(tmp_path / "True") if r["kind"] == "sample"]
+    assert [(r["step"], r["prompt"]) for r in samples] == [(2, "hi"), (4, "hi"), (6, "hi")]
+    assert all(r["text"].startswith("hi") and len(r["text"]) == 6 for r in samples)
+    assert losses[0] == losses[1]  # dropout's RNG stream is untouched by sampling
+
+
+def test_optional_trackers_skip_cleanly_or_log(tmp_path):
+    import importlib.util
+
+    tr, _ = byte_corpus()
+    logs: list[str] = []
+    cfg = TrainConfig(steps=2, batch_size=2, eval_every=0, log_every=1, tensorboard=True, wandb_project="cf-test")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    res = train(tiny(), cfg, TokenLoader([tr], 2, 32), tmp_path, val_batches=None, meta={}, log=logs.append)
+    assert res["step"] == 2
+    has_tb = importlib.util.find_spec("tensorboard") is not None
+    assert (tmp_path / "tensorboard").is_dir() == has_tb
+    assert any("tensorboard package is not installed" in m for m in logs) != has_tb
+    assert any("wandb is not installed" in m for m in logs) == (importlib.util.find_spec("wandb") is None)

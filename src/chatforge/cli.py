@@ -16,7 +16,7 @@ STAGES = {
     "encode": "encode the prepared splits into memory-mapped token shards",
     "pretrain": "train the GPT to predict the next token",
     "eval": "validation loss, perplexity, bits/byte, accuracy; benchmarks",
-    "finetune": "chat SFT from the pretrained checkpoint (loss on assistant tokens only)",
+    "finetune": "chat SFT (loss on assistant tokens only) or continued pretraining (--mode cpt), full or LoRA",
     "generate": "sample a continuation of a prompt",
     "chat": "chat with the model in the terminal",
     "serve": "OpenAI-compatible API and web chat page",
@@ -70,7 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     subs["finetune"].add_argument("--input", "-i", nargs="+", action="extend", default=None,
                                   help="chat JSONL files to fine-tune on (replaces the run's prepared chat set)")
     subs["finetune"].add_argument("--init", help="checkpoint dir or HF model dir to start from (default: the run's pretrain best)")
-    subs["finetune"].add_argument("--lora-rank", type=int, default=0, help="train a LoRA adapter of this rank (0 = full fine-tuning)")
+    subs["finetune"].add_argument("--mode", choices=["sft", "cpt"], default=None,
+                                  help="sft: chat data; cpt: continued pretraining on domain text (--input files)")
+    subs["finetune"].add_argument("--lora-rank", type=int, default=None, help="train a LoRA adapter of this rank (0 = full)")
+    subs["finetune"].add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x rank)")
+    subs["finetune"].add_argument("--lora-dropout", type=float, default=None)
+    subs["finetune"].add_argument("--lora-targets", default=None, help="comma list, e.g. q_proj,v_proj (default: all 7)")
+    subs["finetune"].add_argument("--eval-prompts", type=int, default=None,
+                                  help="held-out prompts checked for replies that end at end-of-turn")
     for name in ("eval", "generate", "chat", "serve", "export", "embeddings"):
         subs[name].add_argument("--stage", choices=["pretrain", "finetune", "auto"], default="auto",
                                 help="which model of the run (auto: finetune if it exists, else pretrain)")
@@ -92,12 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     subs["embeddings"].add_argument("--near", help="word or token to find neighbours of")
     subs["embeddings"].add_argument("--plot", help="write a 2-D projection of frequent tokens to this PNG")
     subs["embeddings"].add_argument("-k", type=int, default=10)
+    parser.subcommands = subs
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in parser.subcommands:
+        # Intermixed: `chatforge pretrain RUN --resume train.steps=9` puts positionals on both sides of options.
+        args = parser.subcommands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+    else:
+        args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2

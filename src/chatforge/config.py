@@ -118,11 +118,31 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept besides best
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | mps
-    compile: str = "auto"  # auto (on for CUDA) | on | off
+    compile: str = "auto"  # auto (on for CUDA; on CPU for long single-process runs, see train.py) | on | off
     activation_checkpointing: bool = False
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run stops
     log_every: int = 10
     init_from: str = ""  # fine-tuning: checkpoint to start from ("" -> the run's pretrain best)
+    # --- added for issues 3 and 6 (train.py) ---
+    # Global batch in tokens per optimizer step (all processes). 0 = batch_size * grad_accum * world * seq_len;
+    # when set, grad_accum is derived from it and batch_size * world * seq_len must divide it.
+    global_batch_tokens: int = 0
+    early_stop_patience: int = 0  # stop after this many evaluations without a better val loss (0 = off)
+    sample_every_eval: bool = True  # write fixed-prompt samples at each evaluation (when the stage gives prompts)
+    tensorboard: bool = False  # also log to out_dir/tensorboard (needs the tensorboard package)
+    wandb_project: str = ""  # also log to this Weights & Biases project (needs wandb; "" = off)
+    strategy: str = "ddp"  # under torchrun: ddp (replicate) | fsdp (FSDP2 fully_shard, for models that don't fit)
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """The training settings (the same loop as pretraining) plus what only fine-tuning has."""
+    mode: str = "sft"  # sft (chat, loss on assistant tokens) | cpt (continued pretraining on domain text)
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_alpha: float = 0.0  # 0 -> 2 * rank
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=list)  # empty -> all attention and MLP projections
+    eval_prompts: int = 20  # held-out prompts whose replies are checked for ending at end-of-turn
 
 
 @dataclass
@@ -149,7 +169,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
         steps=200, lr=1e-3, warmup_steps=20, eval_every=50, weight_decay=0.0))
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)

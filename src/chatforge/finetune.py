@@ -239,14 +239,16 @@ def _check_resume(train_dir: Path, meta: dict) -> None:
 
 
 def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: bool = False,
-                 inputs: list[str] | None = None, init: str | None = None, lora_rank: int = 0,
-                 mode: str = "sft", lora_alpha: float = 0.0, lora_dropout: float = 0.0,
-                 lora_targets: list[str] | None = None, eval_prompts: int = EVAL_PROMPTS) -> dict:
+                 inputs: list[str] | None = None, init: str | None = None, lora_rank: int | None = 0,
+                 mode: str | None = None, lora_alpha: float | None = None, lora_dropout: float | None = None,
+                 lora_targets: list[str] | None = None, eval_prompts: int | None = None) -> dict:
     """Fine-tune and write paths.finetune/finetune_eval.json; returns the training summary plus 'eval'.
 
     mode: "sft" (chat; inputs = chat JSONL files, default the run's prepared sft split) or "cpt" (continued
     pretraining; inputs = domain text files, required). lora_rank > 0: LoRA on lora_targets (default all
     seven projections) with lora_alpha (0 -> 2 * rank) and lora_dropout; else full fine-tuning.
+    An argument left None (or lora_rank 0) falls back to the same-named field of cfg.finetune when the config
+    has one (proposed fields), else to the default.
     """
     import torch
 
@@ -256,6 +258,13 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
     from .lora import LORA_TARGETS, LoraSettings, add_lora, merge_lora, save_adapter, trainable_counts
     from .train import train
 
+    fcfg = cfg.finetune
+    mode = mode or getattr(fcfg, "mode", None) or "sft"
+    lora_rank = lora_rank or getattr(fcfg, "lora_rank", 0) or 0
+    lora_alpha = lora_alpha if lora_alpha is not None else getattr(fcfg, "lora_alpha", 0.0)
+    lora_dropout = lora_dropout if lora_dropout is not None else getattr(fcfg, "lora_dropout", 0.0)
+    lora_targets = lora_targets or getattr(fcfg, "lora_targets", None) or None
+    eval_prompts = eval_prompts if eval_prompts is not None else getattr(fcfg, "eval_prompts", EVAL_PROMPTS)
     if mode not in MODES:
         raise UserError(f"finetune mode {mode!r} is not known; use sft (chat) or cpt (continued pretraining)")
     if lora_rank < 0:
@@ -348,6 +357,9 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
         _check_resume(train_dir, meta)
     summary = train(model, cfg.finetune, loader, train_dir, val_batches=train_val, meta=meta, resume=resume,
                     dist=dist)
+    if summary.get("interrupted"):  # stopped by a signal: no merge, no evidence; `--resume` finishes the run
+        teardown()
+        return {**summary, "eval": None}
 
     if lora:
         # The best adapter: save it alone, merge it, and store the merged model as an ordinary checkpoint.

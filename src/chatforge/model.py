@@ -202,3 +202,38 @@ class GPT(nn.Module):
         p = self.embed_tokens.weight
         return KVCache(c.n_layer, batch, c.n_kv_head, max_len or c.seq_len, c.head_dim,
                        device=device or p.device, dtype=dtype or p.dtype)
+
+
+def size_summary(cfg: ModelConfig) -> dict:
+    """Parameter count and training FLOPs per token of a config, built on the meta device (no memory used)."""
+    with torch.device("meta"):
+        m = GPT(cfg)
+    return {"params": m.num_params(), "non_embedding_params": m.num_params(non_embedding=True),
+            "flops_per_token": m.flops_per_token()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m chatforge.model [PRESET ...]`: size of each preset (vocab from its tokenizer section)."""
+    import argparse
+
+    from .config import PRESET_DIR, load_config
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("presets", nargs="*", help="preset names or YAML files (default: every preset)")
+    args = ap.parse_args(argv)
+    names = args.presets or sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    print(f"{'preset':18s} {'layers':>6s} {'width':>6s} {'heads':>7s} {'context':>7s} {'vocab':>7s} "
+          f"{'params':>9s} {'non-emb':>9s} {'GFLOPs/token':>12s}")
+    for name in names:
+        c = load_config(name)
+        mc = c.model
+        if not mc.vocab_size:
+            mc.vocab_size = 256 if c.tokenizer.kind == "char" else c.tokenizer.vocab_size  # char: at most
+        s = size_summary(mc)
+        print(f"{name:18s} {mc.n_layer:6d} {mc.n_embd:6d} {mc.n_head:3d}/{mc.n_kv_head:<3d} {mc.seq_len:7d} "
+              f"{mc.vocab_size:7d} {s['params'] / 1e6:8.1f}M {s['non_embedding_params'] / 1e6:8.1f}M "
+              f"{s['flops_per_token'] / 1e9:12.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -221,9 +221,13 @@ def _sft_examples(tok, path: Path, seq_len: int):
 
 
 def finetune(cfg: Config, paths: RunPaths, force: bool = False, resume: bool = False,
-             inputs: list[str] | None = None, init: str | None = None, lora_rank: int = 0) -> dict:
+             inputs: list[str] | None = None, init: str | None = None, **options) -> dict:
+    """options: mode, lora_rank, lora_alpha, lora_dropout, lora_targets, eval_prompts (None -> cfg.finetune)."""
     from .finetune import run_finetune
-    return run_finetune(cfg, paths, force=force, resume=resume, inputs=inputs, init=init, lora_rank=lora_rank)
+    for key, value in options.items():
+        if value is not None:
+            setattr(cfg.finetune, key, [t for t in value.split(",") if t] if key == "lora_targets" else value)
+    return run_finetune(cfg, paths, force=force, resume=resume, inputs=inputs, init=init)
 
 
 def _stage_dir(paths: RunPaths, stage: str) -> Path:
@@ -436,7 +440,18 @@ def report(cfg: Config, paths: RunPaths, evals: list[dict] | None = None, answer
     if evals is None:
         p = paths.root / "eval" / "demo.json"
         evals = json.loads(p.read_text()) if p.exists() else []
-    sections = {"config": cfg.to_dict(), "evals": evals, "answers": answers or [], "plots": ["loss.png"] if curves else []}
+    notes = []
+    fe = paths.finetune / "finetune_eval.json"
+    if fe.exists():
+        e = json.loads(fe.read_text())
+        b, a = e.get("before", {}), e.get("after", {})
+        notes.append(f"fine-tuning ({e.get('mode')}{', LoRA' if e.get('lora') else ''}): replies to "
+                     f"{a.get('prompts')} held-out prompts that end with end-of-turn within {e.get('max_new_tokens')} "
+                     f"tokens: {b.get('end_of_turn_share', 0):.0%} before, {a.get('end_of_turn_share', 0):.0%} after")
+    tok_stats = paths.tokenizer / "stats.json"
+    sections = {"config": cfg.to_dict(), "evals": evals, "answers": answers or [], "notes": notes,
+                "plots": ["loss.png"] if curves else [],
+                "tokenizer": json.loads(tok_stats.read_text()) if tok_stats.exists() else None}
     return write_report(paths.root, sections)
 
 
@@ -455,13 +470,18 @@ def demo(cfg: Config, paths: RunPaths, force: bool = False) -> Path:
              ("encode", lambda: encode(cfg, paths)), ("pretrain", lambda: pretrain(cfg, paths))]
     for i, (name, fn) in enumerate(steps, 1):
         print(f"\n== [{i}/7] {name}")
-        fn()
+        result = fn()
+        if isinstance(result, dict) and result.get("interrupted"):
+            raise UserError(f"{name} was interrupted (its checkpoint is saved); continue with "
+                            f"`chatforge {name} {paths.root} --resume`, then the later stages")
     tok = Tokenizer.load(paths.tokenizer)
     print("\n== [5/7] eval (base model)")
     base, _, _ = _load(paths, "pretrain", "best")
     rows = _rows("base", evaluate_splits(base, tok, paths, cfg))
     print("\n== [6/7] finetune")
-    finetune(cfg, paths)
+    if finetune(cfg, paths).get("interrupted"):
+        raise UserError(f"finetune was interrupted (its checkpoint is saved); continue with "
+                        f"`chatforge finetune {paths.root} --resume`")
     print("\n== [7/7] eval (fine-tuned) and chat")
     tuned, _, _ = _load(paths, "finetune", "best")
     rows += _rows("fine-tuned", evaluate_splits(tuned, tok, paths, cfg))
@@ -501,7 +521,9 @@ def run(args: Namespace) -> int:
     elif cmd == "pretrain":
         pretrain(cfg, paths, args.force, args.resume)
     elif cmd == "finetune":
-        finetune(cfg, paths, args.force, args.resume, args.input, args.init, args.lora_rank)
+        finetune(cfg, paths, args.force, args.resume, args.input, args.init, mode=args.mode, lora_rank=args.lora_rank,
+                 lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
+                 eval_prompts=args.eval_prompts)
     elif cmd == "eval":
         evaluate(cfg, paths, args.stage, args.checkpoint, args.file, args.stride, args.task, args.schema,
                  args.max_items, args.all_checkpoints)

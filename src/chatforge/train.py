@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_sum, autocast_ctx, pick_device, unwrap, wrap_model
+from .distributed import DistInfo, all_reduce_sum, autocast_ctx, is_fsdp, pick_device, unwrap, wrap_model
 from .errors import UserError
 from .optim import build_optimizer, build_scheduler
 
@@ -107,10 +107,22 @@ def _apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def _use_compile(cfg: TrainConfig, device: torch.device) -> bool:
+# compile=auto on CPU: inductor's C++ kernels fuse the elementwise work (norms, RoPE, SwiGLU, loss) and make a
+# step about 1.2-1.5x faster (benchmarks/bench_train.py), but compiling costs 20-60 s on a small CPU. It pays
+# off only for long runs: auto turns it on when the run's training FLOPs exceed this (about 10 minutes of eager
+# training on a 2-core machine), so tests, the tiny and demo presets stay eager.
+CPU_COMPILE_MIN_FLOPS = 3e13
+
+
+def _use_compile(cfg: TrainConfig, device: torch.device, run_flops: float = 0.0, world: int = 1) -> bool:
+    """Whether to torch.compile. Depends only on the config (not on the steps left), so a resume decides alike."""
     mode = str(cfg.compile).lower()
     if mode in ("auto", ""):
-        return device.type == "cuda"
+        if device.type == "cuda":
+            return True
+        import shutil
+        return (device.type == "cpu" and world == 1 and run_flops >= CPU_COMPILE_MIN_FLOPS
+                and shutil.which("g++") is not None)  # inductor's CPU backend needs a C++ compiler
     if mode in ("on", "true", "1", "yes"):
         return True
     if mode in ("off", "false", "0", "no"):
@@ -141,6 +153,70 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def resolve_grad_accum(cfg: TrainConfig, seq_len: int, world: int) -> int:
+    """Micro-batches per step: cfg.grad_accum, or derived from cfg.global_batch_tokens when that is set."""
+    if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.steps < 0 or cfg.global_batch_tokens < 0:
+        raise UserError("train.batch_size and train.grad_accum must be >= 1, train.steps and "
+                        "train.global_batch_tokens >= 0")
+    if not cfg.global_batch_tokens:
+        return cfg.grad_accum
+    per_micro = cfg.batch_size * seq_len * world
+    if cfg.global_batch_tokens % per_micro:
+        lo = max(cfg.global_batch_tokens // per_micro, 1) * per_micro
+        raise UserError(f"train.global_batch_tokens={cfg.global_batch_tokens} is not a multiple of batch_size x "
+                        f"seq_len x processes = {cfg.batch_size} x {seq_len} x {world} = {per_micro}; use "
+                        f"{lo} or {lo + per_micro}, or change train.batch_size / the number of processes")
+    return cfg.global_batch_tokens // per_micro
+
+
+def _check_vocab(loader, vocab_size: int) -> None:
+    """Token ids the embedding can't hold crash deep inside it (a device assert on CUDA): say so up front."""
+    data_vocab = getattr(loader, "vocab_size", None)
+    if data_vocab and data_vocab > vocab_size:
+        raise UserError(f"the token shards in {getattr(loader, 'source', 'the training data')} use a vocabulary "
+                        f"of {data_vocab} but model.vocab_size is {vocab_size}; set model.vocab_size=0 (taken "
+                        f"from the tokenizer) or >= {data_vocab}")
+
+
+class _Trackers:
+    """Optional TensorBoard and W&B mirrors of metrics.jsonl; each is skipped (with one note) if not installed."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, meta: dict, enabled: bool, log: Callable[[str], None]):
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                log("note: train.tensorboard is on but the tensorboard package is not installed; "
+                    "pip install tensorboard (logging to metrics.jsonl only)")
+        if cfg.wandb_project:
+            try:
+                import wandb
+                self.wandb = wandb.init(project=cfg.wandb_project, dir=str(out_dir), config=meta,
+                                        name=out_dir.parent.name + "/" + out_dir.name)
+            except ImportError:
+                log("note: train.wandb_project is set but wandb is not installed; pip install wandb "
+                    "(logging to metrics.jsonl only)")
+
+    def record(self, rec: dict) -> None:
+        scalars = {f"{rec['kind']}/{k}": v for k, v in rec.items()
+                   if k not in ("kind", "step") and isinstance(v, (int, float)) and v is not None}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, rec["step"])
+        if self.wandb is not None and scalars:
+            self.wandb.log(scalars, step=rec["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 def _trim_metrics(path: Path, step: int) -> None:
     """On resume, drop records the interrupted run wrote after the checkpoint it resumes from."""
     if not path.exists():
@@ -151,10 +227,17 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
           val_batches: Callable[[], Iterable[dict]] | None, meta: dict, resume: bool = False,
-          dist: DistInfo | None = None, log: Callable[[str], None] = print, strategy: str = "ddp") -> dict:
+          dist: DistInfo | None = None, log: Callable[[str], None] = print, strategy: str | None = None,
+          on_eval: Callable[[nn.Module, int], list[dict]] | None = None) -> dict:
     """Train for cfg.steps optimizer steps; metrics to out_dir/metrics.jsonl, checkpoints to out_dir/ckpt.
 
-    Returns {step, train_loss, best_val_loss, final_val_loss, tokens, seconds, skipped_steps, interrupted}.
+    on_eval(model, step) -> [{"prompt", "text"}, ...]: called (main process, eval mode, no grad) after each
+    evaluation when cfg.sample_every_eval; its records go to metrics.jsonl as kind "sample". It runs under a
+    forked RNG, so sampling never changes the training run. cfg.early_stop_patience > 0 stops after that many
+    evaluations without a better validation loss, saving a checkpoint at every improvement (kept as best).
+
+    Returns {step, train_loss, best_val_loss, final_val_loss, tokens, seconds, skipped_steps, interrupted,
+    early_stopped}.
     """
     out_dir = Path(out_dir)
     dist = dist or DistInfo(device=pick_device(cfg.device))
@@ -165,8 +248,9 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
     meta = {**meta}
     meta.setdefault("model", dataclasses.asdict(raw.cfg))
     meta.setdefault("train", dataclasses.asdict(cfg))
-    if cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.steps < 0:
-        raise UserError("train.batch_size and train.grad_accum must be >= 1 and train.steps >= 0")
+    seq_len = int(getattr(train_loader, "seq_len", raw.cfg.seq_len))
+    accum = resolve_grad_accum(cfg, seq_len, dist.world)
+    _check_vocab(train_loader, raw.cfg.vocab_size)
 
     resume_dir = None
     if resume:
@@ -175,23 +259,32 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
         resume_dir = ckpt.resolve_checkpoint(ckpt_root, "last")
         saved = ckpt.read_meta(resume_dir)
         if saved.get("model") != meta["model"]:
+            changed = sorted(k for k in set(saved.get("model") or {}) | set(meta["model"])
+                             if (saved.get("model") or {}).get(k) != meta["model"].get(k))
             raise UserError(f"{resume_dir}/meta.json: the checkpoint's model config differs from this run's "
-                            f"(saved {saved.get('model')}); resume with the same model config or start a new run")
+                            f"(changed: {', '.join(changed)}); resume with the same model config or start a new run")
+        if saved.get("tokenizer_hash") and meta.get("tokenizer_hash") and \
+                saved["tokenizer_hash"] != meta["tokenizer_hash"]:
+            raise UserError(f"{resume_dir}/meta.json: the checkpoint was trained with tokenizer "
+                            f"{saved['tokenizer_hash']}, this run's is {meta['tokenizer_hash']}; resume with the "
+                            f"tokenizer it was trained with or start a new run")
 
     seed_everything(cfg.seed)
     raw.to(device)
     raw.train()
     if cfg.activation_checkpointing:
         _apply_activation_checkpointing(raw)
-    wrapped = wrap_model(raw, strategy if dist.world > 1 else "none", device)
+    wrapped = wrap_model(raw, (strategy or cfg.strategy) if dist.world > 1 else "none", device)
     optimizer = build_optimizer(wrapped, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    fwd = torch.compile(wrapped) if _use_compile(cfg, device) else wrapped
+    flops_tok = raw.flops_per_token() if hasattr(raw, "flops_per_token") else 0.0
+    run_flops = flops_tok * cfg.batch_size * accum * dist.world * seq_len * cfg.steps
+    fwd = torch.compile(wrapped) if _use_compile(cfg, device, run_flops, dist.world) else wrapped
 
     # Loop state: everything here goes into checkpoints so a resume continues exactly.
     st = {"step": 0, "tokens": 0, "seconds": 0.0, "skipped": 0, "bad_in_row": 0, "log_loss_sum": 0.0,
           "log_loss_n": 0, "log_tokens": 0, "log_seconds": 0.0, "train_loss": None, "best_val": None,
-          "final_val": None, "val_hist": [], "train_hist": []}
+          "final_val": None, "val_hist": [], "train_hist": [], "evals_since_best": 0, "early_stopped": False}
     if resume_dir is not None:
         st.update(ckpt.load_training_state(resume_dir, wrapped, optimizer, scheduler, train_loader))
         log(f"resumed from {resume_dir} at step {st['step']}")
@@ -202,12 +295,14 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
         elif metrics_path.exists():
             metrics_path.unlink()  # a fresh run starts a fresh log
 
+    trackers = _Trackers(cfg, out_dir, meta, is_main, log)
+
     def write(rec: dict) -> None:
         if is_main:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
+            trackers.record(rec)
 
-    flops_tok = raw.flops_per_token() if hasattr(raw, "flops_per_token") else 0.0
     peak = peak_flops(device) * dist.world
     params = [p for p in raw.parameters() if p.requires_grad]
 
@@ -218,8 +313,13 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
         st["final_val"] = v
         if st["best_val"] is None or v < st["best_val"]:
             st["best_val"] = v
+            st["evals_since_best"] = 0
+        else:
+            st["evals_since_best"] += 1
         tl = st["train_loss"]
-        write({"kind": "val", "step": st["step"], "val_loss": v, "train_loss": tl})
+        write({"kind": "val", "step": st["step"], "val_loss": v, "train_loss": tl,
+               "gap": v - tl if tl is not None else None})
+        samples(st["step"])
         st["val_hist"] = (st["val_hist"] + [v])[-3:]
         st["train_hist"] = (st["train_hist"] + [tl])[-3:]
         vh, th = st["val_hist"], st["train_hist"]
@@ -227,6 +327,23 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
             log(f"warning: validation loss rose for 2 evaluations ({vh[0]:.4f} -> {vh[2]:.4f}) while training "
                 f"loss fell: the model is overfitting; use more data, fewer steps or dropout")
         return v
+
+    def samples(step: int) -> None:
+        """Fixed-prompt samples. FSDP shards live on every rank, so one rank can't generate alone: skipped."""
+        if on_eval is None or not cfg.sample_every_eval or not is_main or is_fsdp(wrapped):
+            return
+        was_training = raw.training
+        raw.eval()
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                recs = on_eval(raw, step)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            raw.train(was_training)
+        for r in recs or []:
+            write({"kind": "sample", "step": step, "prompt": r.get("prompt", ""), "text": r.get("text", "")})
 
     def save(val: float | None) -> None:
         extra = {k: v for k, v in st.items()}
@@ -241,7 +358,12 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
     with _StopFlag() as stop:
         while st["step"] < cfg.steps:
             t0 = time.perf_counter()
-            micro = [train_loader.next_batch() for _ in range(cfg.grad_accum)]
+            micro = [train_loader.next_batch() for _ in range(accum)]
+            top = max(max(int(b["x"].max()), int(b["y"].max())) for b in micro)
+            if top >= raw.cfg.vocab_size:
+                raise UserError(f"the training data holds token id {top} but model.vocab_size is "
+                                f"{raw.cfg.vocab_size}; set model.vocab_size=0 (taken from the tokenizer) or "
+                                f"re-encode the data with the model's tokenizer")
             # Normalise by the target tokens of the whole step across ranks (DDP averages gradients: x world).
             counts = torch.tensor([float(sum(int((b["y"] != IGNORE).sum()) for b in micro))], dtype=torch.float64)
             n_targets = float(all_reduce_sum(counts.to(device))[0])
@@ -314,12 +436,18 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
             ckpt_due = cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0
             eval_due = cfg.eval_every > 0 and step % cfg.eval_every == 0
             val = None
+            improved = early_stop = False
             if eval_due or ckpt_due or final or stop_now:
                 if eval_due or final or ((ckpt_due or stop_now) and val_batches is not None):
                     val = run_eval()
                     if is_main and val is not None:
-                        (bar.write if not bar.disable else log)(f"step {step}: val loss {val:.4f}")
-            if ckpt_due or final or stop_now:
+                        gap = f" (gap {val - st['train_loss']:+.4f})" if st["train_loss"] is not None else ""
+                        (bar.write if not bar.disable else log)(f"step {step}: val loss {val:.4f}{gap}")
+                    if val is not None and cfg.early_stop_patience > 0:
+                        improved = st["evals_since_best"] == 0
+                        early_stop = st["evals_since_best"] >= cfg.early_stop_patience and not final
+                        st["early_stopped"] = early_stop
+            if ckpt_due or final or stop_now or improved or early_stop:
                 st["seconds"] = time.perf_counter() - t_start
                 save(val)
                 last_saved = step
@@ -327,9 +455,14 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
                 interrupted = True
                 log(f"interrupted: saved a checkpoint at step {step}; continue with resume")
                 break
+            if early_stop:
+                log(f"early stop at step {step}: validation loss has not improved for {cfg.early_stop_patience} "
+                    f"evaluations (best {st['best_val']:.4f}, kept as the best checkpoint)")
+                break
     bar.close()
+    trackers.close()
     if last_saved != st["step"] and st["step"] > 0:  # steps=0 or a resumed finished run
         save(st["final_val"])
     return {"step": st["step"], "train_loss": st["train_loss"], "best_val_loss": st["best_val"],
             "final_val_loss": st["final_val"], "tokens": st["tokens"], "seconds": st["seconds"],
-            "skipped_steps": st["skipped"], "interrupted": interrupted}
+            "skipped_steps": st["skipped"], "interrupted": interrupted, "early_stopped": st["early_stopped"]}

@@ -77,6 +77,8 @@ class TokenLoader:
         self.batch_size, self.seq_len = batch_size, seq_len
         self.rank, self.world, self.seed = rank, world, seed
         self.doc_mask, self.bos_id = doc_mask, bos_id
+        self.vocab_size: int | None = None  # set by from_dir (from the shard headers)
+        self.source = "the token arrays"
         self._lens = np.array([len(a) for a in self.arrays], dtype=np.int64)
         self._stream = _Stream(self._windows_for_epoch)
         self._layout: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, shift, cumulative counts)
@@ -88,8 +90,12 @@ class TokenLoader:
         from .shards import open_shards  # the shard format belongs to data/shards.py
 
         shards = open_shards(shard_dir, tok_hash=tok_hash, vocab_size=vocab_size)
-        return cls([s.tokens for s in shards], batch_size, seq_len, rank=rank, world=world, seed=seed,
-                   doc_mask=doc_mask)
+        loader = cls([s.tokens for s in shards], batch_size, seq_len, rank=rank, world=world, seed=seed,
+                     doc_mask=doc_mask)
+        # The shards' vocabulary, so the trainer can refuse a model too small for it before the first step.
+        loader.vocab_size = max(s.header["vocab_size"] for s in shards)
+        loader.source = str(shard_dir)
+        return loader
 
     def _grid(self, epoch: int) -> tuple[int, np.ndarray]:
         """Each epoch shifts the window grid by a seeded offset so windows don't always start at k*T."""

@@ -30,10 +30,10 @@ CHILD = textwrap.dedent('''
     from chatforge.model import GPT
     from chatforge.train import train
 
-    shards, out, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    shards, out, steps, VOCAB = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=2, n_head=4, n_kv_head=4, n_embd=128, seq_len=256, vocab_size=50304))
+    model = GPT(ModelConfig(n_layer=2, n_head=4, n_kv_head=4, n_embd=128, seq_len=256, vocab_size=VOCAB))
     loader = TokenLoader.from_dir(shards, 8, 256, seed=0)
     before = rss()
     cfg = TrainConfig(steps=steps, batch_size=8, eval_every=0, log_every=50, warmup_steps=10, device="cpu",
@@ -44,8 +44,12 @@ CHILD = textwrap.dedent('''
 ''')
 
 
+# A small vocabulary keeps each step cheap (the output layer dominates a tiny model); ids are still uint16.
+VOCAB = 4096
+
+
 def write_shards(d: Path, megabytes: float, shard_mb: int = 256, seed: int = 0) -> None:
-    """Random tokens < 50304 as uint16 shards of at most shard_mb each, one document per shard."""
+    """Random tokens < VOCAB as uint16 shards of at most shard_mb each, one document per shard."""
     from chatforge.data.shards import pack_header
 
     d.mkdir(parents=True, exist_ok=True)
@@ -54,15 +58,15 @@ def write_shards(d: Path, megabytes: float, shard_mb: int = 256, seed: int = 0) 
     while left > 0:
         n = min(left, shard_mb * 2**20 // 2)
         with open(d / f"shard_{i:05d}.bin", "wb") as f:
-            f.write(pack_header(50304, "0123456789abcdef", n, 1))
+            f.write(pack_header(VOCAB, "0123456789abcdef", n, 1))
             for start in range(0, n, 1 << 24):  # 32 MB at a time: the writer's own memory stays small
-                f.write(rng.integers(0, 50304, min(1 << 24, n - start), dtype=np.uint16).tobytes())
+                f.write(rng.integers(0, VOCAB, min(1 << 24, n - start), dtype=np.uint16).tobytes())
         np.save(d / f"shard_{i:05d}.idx.npy", np.zeros(1, dtype=np.int64))
         left, i = left - n, i + 1
 
 
 def run(shards: Path, out: Path, steps: int, script: Path) -> dict:
-    p = subprocess.run([sys.executable, str(script), str(shards), str(out), str(steps)], capture_output=True,
+    p = subprocess.run([sys.executable, str(script), str(shards), str(out), str(steps), str(VOCAB)], capture_output=True,
                        text=True, timeout=1800)
     if p.returncode:
         raise SystemExit(p.stdout + p.stderr)

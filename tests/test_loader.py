@@ -1,6 +1,8 @@
 """Loaders: windows, determinism, rank split, exact resume, document masks, SFT masking/packing."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -162,3 +164,28 @@ def test_eval_batches_cover_split_in_order():
     starts = [int(s) for b in batches for s in b["x"][:, 0]]
     assert starts == list(range(0, 990, 10))
     assert len(list(iter_eval_batches([a], 4, 10, max_batches=3))) == 3
+
+
+def _rss_file_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_memmapped_shards_are_read_without_growing_resident_memory(tmp_path):
+    """Random windows over a 64 MB memmap: the batches equal plain slicing, and resident memory stays flat
+    (reading through the mapping would leave most of the file resident: the kernel maps read-ahead chunks)."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc")
+    path = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(0, 4096, 32 << 20, dtype=np.uint16).tofile(path)
+    a = np.memmap(path, dtype=np.uint16, mode="r")
+    fast, plain = TokenLoader([a], 8, 64, seed=1), TokenLoader([a], 8, 64, seed=1)
+    plain._files = [None]  # force reads through the mapping
+    for _ in range(3):
+        assert torch.equal(fast.next_batch()["x"], plain.next_batch()["x"])
+    before = _rss_file_kb()
+    for _ in range(400):
+        fast.next_batch()
+    assert _rss_file_kb() - before < 8 << 10, (before, _rss_file_kb())  # < 8 MB for a 64 MB file

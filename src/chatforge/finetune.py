@@ -355,7 +355,10 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
             "init_from": str(init_dir), "init_kind": origin, "lora": lora.to_dict() if lora else None}
     if resume:
         _check_resume(train_dir, meta)
+    from .stages import sampler
+    on_eval = sampler(tok, cfg, chat=mode == "sft")
     summary = train(model, cfg.finetune, loader, train_dir, val_batches=train_val, meta=meta, resume=resume,
+                    on_eval=on_eval,
                     dist=dist)
     if summary.get("interrupted"):  # stopped by a signal: no merge, no evidence; `--resume` finishes the run
         teardown()

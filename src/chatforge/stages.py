@@ -202,11 +202,33 @@ def pretrain(cfg: Config, paths: RunPaths, force: bool = False, resume: bool = F
 
     meta = {"stage": "pretrain", "model": asdict(cfg.model), "tokenizer_hash": tok.hash}
     summary = train(model, cfg.train, loader, paths.pretrain, val_batches=val_batches, meta=meta,
-                    resume=resume, dist=dist)
+                    resume=resume, dist=dist, on_eval=sampler(tok, cfg, chat=False))
     if dist.is_main:
         _plot(paths.pretrain)
     teardown()
     return summary
+
+
+SAMPLE_PROMPTS = ["def ", "import ", "class "]
+SAMPLE_QUESTIONS = ["What does os.path.join do?", "What is the json module for?"]
+
+
+def sampler(tok, cfg: Config, chat: bool):
+    """Fixed-prompt samples at each evaluation (seeded), stored in metrics.jsonl beside the losses."""
+    def on_eval(model, step):
+        from .engine import Engine
+        eng = Engine(model, tok, device=str(next(model.parameters()).device))
+        if chat:
+            prompts = SAMPLE_QUESTIONS
+            ids = [tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0] for q in prompts]
+        else:
+            prompts = SAMPLE_PROMPTS
+            ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+        outs = eng.generate(ids, max_new_tokens=min(48, cfg.generate.max_new_tokens),
+                            temperature=cfg.generate.temperature, top_k=cfg.generate.top_k,
+                            seed=cfg.generate.seed, stop_ids=[tok.eos_id, tok.end_id])
+        return [{"prompt": p, "text": (p if not chat else "") + tok.decode(o)} for p, o in zip(prompts, outs)]
+    return on_eval
 
 
 def _plot(stage_dir: Path) -> None:
@@ -448,9 +470,15 @@ def report(cfg: Config, paths: RunPaths, evals: list[dict] | None = None, answer
         notes.append(f"fine-tuning ({e.get('mode')}{', LoRA' if e.get('lora') else ''}): replies to "
                      f"{a.get('prompts')} held-out prompts that end with end-of-turn within {e.get('max_new_tokens')} "
                      f"tokens: {b.get('end_of_turn_share', 0):.0%} before, {a.get('end_of_turn_share', 0):.0%} after")
+    samples = []
+    for stage, mpath in curves.items():  # the fixed-prompt samples of each stage's last evaluation
+        recs = [json.loads(l) for l in mpath.read_text().splitlines() if '"sample"' in l]
+        last = max((r["step"] for r in recs), default=None)
+        samples += [{**r, "prompt": f"{stage} step {r['step']}: {r['prompt']}"} for r in recs if r["step"] == last]
     tok_stats = paths.tokenizer / "stats.json"
     sections = {"config": cfg.to_dict(), "evals": evals, "answers": answers or [], "notes": notes,
-                "plots": ["loss.png"] if curves else [],
+                "plots": ["loss.png"] if curves else [], "samples": [{k: v for k, v in x.items() if k != "step"}
+                                                                   for x in samples],
                 "tokenizer": json.loads(tok_stats.read_text()) if tok_stats.exists() else None}
     return write_report(paths.root, sections)
 

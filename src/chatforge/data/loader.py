@@ -11,6 +11,8 @@ the stream is a pure function of (seed, epoch, offset), which is all the state a
 """
 from __future__ import annotations
 
+import mmap
+import os
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -54,6 +56,37 @@ class _Stream:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
 
+class _FileRows:
+    """Reads windows of a file-backed np.memmap with pread instead of through the mapping.
+
+    Touching a mapping makes the kernel map whole read-ahead chunks into the process (measured: 2,400 random
+    windows of a 256 MB shard left all 256 MB resident), so resident memory would grow with the corpus. pread
+    copies just the window; the rest stays in the shared page cache, which the kernel reclaims freely.
+    """
+
+    def __init__(self, a: np.memmap):
+        self.dtype, self.offset = a.dtype, int(a.offset)
+        self.fd = os.open(a.filename, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):  # random windows: read-ahead would only waste I/O
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+    @staticmethod
+    def usable(a: np.ndarray) -> bool:
+        # Only a memmap made directly on a file (not a slice of one) knows its true byte offset.
+        return isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and bool(a.filename)
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        size = self.dtype.itemsize
+        buf = os.pread(self.fd, n * size, self.offset + start * size)
+        return np.frombuffer(buf, dtype=self.dtype)
+
+    def __del__(self):
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
 def _doc_fields(x: torch.Tensor, bos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """doc_ids / position_ids for rows of raw token windows: a new document starts at every <|bos|>."""
     doc_ids = torch.cumsum((x == bos_id).long(), dim=1)
@@ -80,6 +113,7 @@ class TokenLoader:
         self.vocab_size: int | None = None  # set by from_dir (from the shard headers)
         self.source = "the token arrays"
         self._lens = np.array([len(a) for a in self.arrays], dtype=np.int64)
+        self._files = [_FileRows(a) if _FileRows.usable(a) else None for a in self.arrays]
         self._stream = _Stream(self._windows_for_epoch)
         self._layout: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, shift, cumulative counts)
 
@@ -122,7 +156,9 @@ class TokenLoader:
             shift, cum = self._grid(epoch)
             a = int(np.searchsorted(cum, w, side="right"))  # which array holds window w
             start = shift + (w - (int(cum[a - 1]) if a else 0)) * T
-            rows.append(np.asarray(self.arrays[a][start:start + T + 1], dtype=np.int64))
+            f = self._files[a]
+            row = f.read(start, T + 1) if f is not None else self.arrays[a][start:start + T + 1]
+            rows.append(np.asarray(row, dtype=np.int64))
         buf = torch.from_numpy(np.stack(rows))
         batch = {"x": buf[:, :-1].contiguous(), "y": buf[:, 1:].contiguous()}
         if self.doc_mask:

@@ -86,13 +86,18 @@ def test_eval_cli_on_a_file_and_a_benchmark(tiny_run, tmp_path):
     r = _cli("eval", tiny_run, "--stage", "pretrain", "--file", text, "--stride", "64")
     assert r.returncode == 0, r.stderr
     assert "doc.txt" in r.stdout
-    rows = json.loads((tiny_run / "eval" / "pretrain_best.json").read_text())
+    rows = json.loads((tiny_run / "eval" / "pretrain_best_file.json").read_text())
     assert rows[0]["tokens"] > 0 and math.isfinite(rows[0]["loss"])
     mc = tmp_path / "mc.jsonl"
     mc.write_text("\n".join(json.dumps({"ctx": "def f(x):\n    return", "endings": [" x", " ))))((((", " ]]]]"],
                                         "label": 0}) for _ in range(3)) + "\n")
     r = _cli("eval", tiny_run, "--task", mc, "--schema", "hellaswag")
     assert r.returncode == 0, r.stderr
+    bench = json.loads((tiny_run / "eval" / "finetune_best_tasks.json").read_text())
+    assert bench[0]["n"] == 3 and bench[0]["random_baseline"] == 1 / 3
+    assert _cli("report", tiny_run).returncode == 0
+    report = (tiny_run / "report.md").read_text()
+    assert "## Benchmarks" in report and "## Answers to held-out questions" in report
     # bad input: one line, exit 2
     for args, needle in [(("--file", tmp_path / "missing.txt"), "missing.txt"),
                          (("--checkpoint", "step_9999"), "step_9999"),

@@ -224,3 +224,23 @@ def test_shared_data_prepares(tmp_path):
     assert "ROMEO" in "".join(iter_documents(tmp_path / "o", "train"))
     s = prepare_sft(SFTDataConfig(inputs=[str(SHARED / "sft" / "lima.json")]), tmp_path / "s")
     assert s["formats"] == {"alpaca": sum(s["counts"].values())} and s["counts"]["val"] > 50
+
+
+def test_a_100_mb_line_is_dropped_and_counted_while_its_neighbours_survive(tmp_path):
+    rng = random.Random(9)
+    before, after = _doc(rng), _doc(rng)
+    huge = "x" * 100_000_000  # one 100 MB record, far over data.max_chars
+    data = tmp_path / "in"
+    data.mkdir()
+    with open(data / "a.jsonl", "w") as f:
+        for t in (before, huge, after):
+            f.write(json.dumps({"text": t}) + "\n")
+    with open(data / "b.txt", "w") as f:  # a plain-text file that is one 100 MB line
+        f.write(huge)
+    del huge
+    m = prepare_corpus(DataConfig(inputs=[str(data)], val_fraction=0.0), tmp_path / "o")
+    kept = list(iter_documents(tmp_path / "o", "train")) + list(iter_documents(tmp_path / "o", "val"))
+    assert sorted(kept) == sorted([before, after])
+    dropped = sum(d["documents"] for d in m["dropped"].values())
+    dropped_bytes = sum(d["bytes"] for d in m["dropped"].values())
+    assert dropped >= 2 and dropped_bytes >= 2 * 100_000_000 * 0.99, m["dropped"]

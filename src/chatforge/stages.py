@@ -322,7 +322,8 @@ def evaluate(cfg: Config, paths: RunPaths, stage: str = "auto", which: str = "be
     print_table(rows, cols, title=f"eval: {paths.root}")
     out = paths.root / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{d.name}_{which if not all_checkpoints else 'all'}.json").write_text(json.dumps(rows, indent=2, default=float))
+    suffix = "_tasks" if tasks else ("_file" if file else "")
+    (out / f"{d.name}_{which if not all_checkpoints else 'all'}{suffix}.json").write_text(json.dumps(rows, indent=2, default=float))
     return rows
 
 
@@ -357,7 +358,8 @@ def _benchmarks(model, tok, tasks, schema, max_items, label) -> list[dict]:
             r = score_gsm8k(Engine(model, tok), tok, items, max_new_tokens=256, max_items=max_items)
         else:
             r = score_multiple_choice(model, tok, items, max_items=max_items)
-        rows.append({"model": label, "task": Path(str(task)).name, **r})
+        rows.append({"model": label, "task": Path(str(task)).name,
+                     **{k: v for k, v in r.items() if k not in ("predictions", "samples")}})
     return rows
 
 
@@ -462,6 +464,9 @@ def report(cfg: Config, paths: RunPaths, evals: list[dict] | None = None, answer
     if evals is None:
         p = paths.root / "eval" / "demo.json"
         evals = json.loads(p.read_text()) if p.exists() else []
+    if answers is None:
+        p = paths.root / "eval" / "answers.json"
+        answers = json.loads(p.read_text()) if p.exists() else []
     notes = []
     fe = paths.finetune / "finetune_eval.json"
     if fe.exists():
@@ -476,7 +481,12 @@ def report(cfg: Config, paths: RunPaths, evals: list[dict] | None = None, answer
         last = max((r["step"] for r in recs), default=None)
         samples += [{**r, "prompt": f"{stage} step {r['step']}: {r['prompt']}"} for r in recs if r["step"] == last]
     tok_stats = paths.tokenizer / "stats.json"
-    sections = {"config": cfg.to_dict(), "evals": evals, "answers": answers or [], "notes": notes,
+    benchmarks = []  # every benchmark row any `chatforge eval --task` wrote for this run
+    for f in sorted((paths.root / "eval").glob("*.json")) if (paths.root / "eval").exists() else []:
+        rows = json.loads(f.read_text())
+        benchmarks += [{k: v for k, v in r.items() if k not in ("predictions", "samples")}
+                       for r in rows if isinstance(r, dict) and "task" in r]
+    sections = {"config": cfg.to_dict(), "evals": evals, "benchmarks": benchmarks, "answers": answers or [], "notes": notes,
                 "plots": ["loss.png"] if curves else [], "samples": [{k: v for k, v in x.items() if k != "step"}
                                                                    for x in samples],
                 "tokenizer": json.loads(tok_stats.read_text()) if tok_stats.exists() else None}
@@ -517,6 +527,7 @@ def demo(cfg: Config, paths: RunPaths, force: bool = False) -> Path:
     (paths.root / "eval").mkdir(exist_ok=True)
     (paths.root / "eval" / "demo.json").write_text(json.dumps(rows, indent=2, default=float))
     answers = answer(Engine(tuned, tok), held_out_questions(paths), cfg.generate.max_new_tokens)
+    (paths.root / "eval" / "answers.json").write_text(json.dumps(answers, indent=2))
     for a in answers:
         print(f"\nQ: {a['question']}\nA: {a['answer']}")
     rep = report(cfg, paths, rows, answers)

@@ -290,7 +290,9 @@ def process_documents(cfg: DataConfig, items: Iterator[tuple[int, int, str, str]
         for item in items:
             yield item, proc(item[2])
         return
-    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    # Not "fork": the parent may already run torch/tokenizers threads, and a forked child can inherit a held
+    # lock and hang the pool (seen in the test suite). forkserver forks from a clean single-threaded server.
+    ctx = multiprocessing.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
     with ctx.Pool(cfg.workers, initializer=_worker_init, initargs=(cfg, signatures)) as pool:
         pending: deque = deque()
         for batch in _batches(items, _BATCH_DOCS, _BATCH_CHARS):

@@ -45,7 +45,8 @@ def test_checkpoint_reloads_to_the_logged_validation_loss(tiny_run):
     cfg = load_config(str(tiny_run / "config.yaml"))
     tok = Tokenizer.load(tiny_run / "tokenizer")
     model, meta = load_model(resolve_checkpoint(tiny_run / "pretrain" / "ckpt", "last"))
-    val = [s.tokens for s in open_shards(tiny_run / "tokens" / "val")]
+    assert meta["tokenizer_hash"] == tok.hash
+    val = [s.tokens for s in open_shards(tiny_run / "tokens" / "val", tok_hash=tok.hash)]
     batches = iter_eval_batches(val, cfg.eval.batch_size, cfg.model.seq_len, max_batches=cfg.train.eval_batches)
     got = evaluate_lm(model, batches)["loss"]
     logged = [m for m in _metrics(tiny_run / "pretrain" / "metrics.jsonl") if m["kind"] == "val"][-1]["val_loss"]

@@ -19,13 +19,7 @@ CORPUS = ["The quick brown fox jumps over the lazy dog. " * 3,
           "Hello world, hello there! How are you today? I am fine, thanks.",
           "Once upon a time there was a little model that wanted to talk."] * 4
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one CPU thread is fastest, and avoids thrashing when the machine is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -17,13 +17,7 @@ transformers = pytest.importorskip("transformers")
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, how are you today?",
           "Once upon a time there was a little model that wanted to talk."] * 5
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one CPU thread is fastest, and avoids thrashing when the machine is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -31,12 +31,7 @@ TINY = ["tokenizer.vocab_size=400", "model.n_layer=2", "model.n_head=2", "model.
         "eval.max_batches=2", "generate.max_new_tokens=16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest and kind to a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hello_records(n: int = 300) -> list[dict]:

@@ -21,12 +21,7 @@ VOCAB = 97
 CFG = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, seq_len=32, vocab_size=VOCAB)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest and kind to a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base_model(seed: int = 0) -> GPT:

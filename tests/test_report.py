@@ -35,7 +35,7 @@ def test_read_metrics_skips_torn_line(tmp_path):
 
 def test_plot_and_compare(tmp_path):
     a = write_metrics(tmp_path / "a" / "pretrain" / "metrics.jsonl")
-    b = write_metrics(tmp_path / "b" / "pretrain" / "metrics.jsonl", scale=1.3)
+    write_metrics(tmp_path / "b" / "pretrain" / "metrics.jsonl", scale=1.3)
     out = plot_loss_curves({"a": a}, tmp_path / "loss.png", log_y=True)
     assert is_png(out)
     cmp = compare_runs(tmp_path / "a", tmp_path / "b", tmp_path / "cmp.png")

@@ -3,7 +3,6 @@ logged loss must equal the uninterrupted run's bit for bit."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

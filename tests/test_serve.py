@@ -23,13 +23,7 @@ uvicorn = pytest.importorskip("uvicorn")
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, how are you today?"] * 5
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one CPU thread is fastest, and avoids thrashing when the machine is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -5,7 +5,6 @@ import bz2
 import gzip
 import json
 import lzma
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -364,7 +364,6 @@ def _benchmarks(model, tok, tasks, schema, max_items, label) -> list[dict]:
 
 
 def generate(cfg: Config, paths: RunPaths, prompt: str, stage="auto", which="best", chat=False) -> str:
-    from .engine import Engine
 
     engine = _engine(paths, stage, which)
     g = cfg.generate

@@ -1,7 +1,6 @@
 """Token shards: header round trip, determinism across workers, tokenizer-mismatch refusal, dtype choice."""
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -11,29 +10,19 @@ from chatforge.config import TokenizerConfig
 from chatforge.data.shards import (HEADER_BYTES, MAGIC, open_shards, pack_header, read_header, token_dtype,
                                    write_shards)
 from chatforge.errors import UserError
+from chatforge.data.stdlib_corpus import stdlib_texts
 from chatforge.tokenizer import Tokenizer
-
-
-def stdlib_docs(limit: int = 200_000) -> list[str]:
-    docs, n = [], 0
-    for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        t = p.read_text(encoding="utf-8", errors="replace")
-        docs.append(t)
-        n += len(t)
-        if n >= limit:
-            break
-    return docs
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer.train(stdlib_docs(), TokenizerConfig(vocab_size=400))
+    return Tokenizer.train(stdlib_texts(200_000), TokenizerConfig(vocab_size=400))
 
 
 @pytest.fixture(scope="module")
 def docs() -> list[str]:
     # Real files plus many tiny documents, so shards hold several documents each.
-    return stdlib_docs() + [f"doc {i}: caf\u00e9 \U0001f600 <|end|>" for i in range(300)]
+    return stdlib_texts(200_000) + [f"doc {i}: caf\u00e9 \U0001f600 <|end|>" for i in range(300)]
 
 
 def test_token_dtype_choice():

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -13,19 +12,8 @@ from hypothesis import strategies as st
 
 from chatforge.config import TokenizerConfig
 from chatforge.errors import UserError
+from chatforge.data.stdlib_corpus import stdlib_texts
 from chatforge.tokenizer import CHAT_TEMPLATE, PROBE_TEXT, SPECIAL_TOKENS, IncrementalDecoder, Tokenizer
-
-
-def stdlib_texts(limit: int = 300_000) -> list[str]:
-    """A few hundred KB of real text (Python stdlib source), no download needed."""
-    texts, n = [], 0
-    for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        t = p.read_text(encoding="utf-8", errors="replace")
-        texts.append(t)
-        n += len(t)
-        if n >= limit:
-            break
-    return texts
 
 
 @pytest.fixture(scope="module")

@@ -110,8 +110,8 @@ def _apply_activation_checkpointing(model: nn.Module) -> None:
 # compile=auto means CUDA only. On CPU, inductor's kernels were measured at 1.00-1.07x eager on a quiet 2-core machine
 # (benchmarks/bench_train.py), cost 10-60 s to compile, and made run-to-run losses differ in the 4th decimal (the demo
 # preset, same seed): CPU runs stay eager and reproducible unless compile=on is asked for.
-def _use_compile(cfg: TrainConfig, device: torch.device, run_flops: float = 0.0, world: int = 1) -> bool:
-    """Whether to torch.compile. Depends only on the config (not on the steps left), so a resume decides alike."""
+def _use_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether to torch.compile. Depends only on the config and device, so a resume decides alike."""
     mode = str(cfg.compile).lower()
     if mode in ("auto", ""):
         return device.type == "cuda"
@@ -270,8 +270,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
     optimizer = build_optimizer(wrapped, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     flops_tok = raw.flops_per_token() if hasattr(raw, "flops_per_token") else 0.0
-    run_flops = flops_tok * cfg.batch_size * accum * dist.world * seq_len * cfg.steps
-    fwd = torch.compile(wrapped) if _use_compile(cfg, device, run_flops, dist.world) else wrapped
+    fwd = torch.compile(wrapped) if _use_compile(cfg, device) else wrapped
 
     # Loop state: everything here goes into checkpoints so a resume continues exactly.
     st = {"step": 0, "tokens": 0, "seconds": 0.0, "skipped": 0, "bad_in_row": 0, "log_loss_sum": 0.0,

@@ -66,6 +66,17 @@ def iter_stdlib_documents() -> Iterator[dict]:
             yield {"text": text, "source": f"stdlib/{rel}"}
 
 
+def stdlib_texts(limit_chars: int = 300_000) -> list[str]:
+    """The first stdlib documents, about limit_chars of real text: a quick offline corpus (tests, benchmarks)."""
+    texts, n = [], 0
+    for doc in iter_stdlib_documents():
+        texts.append(doc["text"])
+        n += len(doc["text"])
+        if n >= limit_chars:
+            break
+    return texts
+
+
 def _module_name(rel: str) -> str | None:
     """'email/mime/text.py' -> 'email.mime.text'; None for private modules (any part starting with _)."""
     parts = rel[:-3].split("/")

@@ -45,12 +45,12 @@ def test_render_examples_stats_and_masks(tok, tmp_path):
                      "loss_tokens": sum(len(tok.encode(c[-1]["content"])) + 1 for c in convs)}
 
 
-def test_truncation_and_dropping(tok, tmp_path):
-    long_answer = conv("q", "word " * 200)  # answer starts early: survives truncation
+def test_too_long_cut_keeps_the_window(tok, tmp_path):
+    long_answer = conv("q", "word " * 200)  # answer starts early: survives the cut
     long_question = conv("why " * 200, "because")  # answer after the cut: nothing left to learn
     short = conv("a", "b")
     examples, stats = render_examples(tok, write_jsonl(tmp_path / "b.jsonl", [long_answer, long_question, short]),
-                                      seq_len=32)
+                                      seq_len=32, too_long="cut")
     assert stats["truncated"] == 2 and stats["dropped"] == 1 and stats["examples"] == 2
     (ids0, mask0), (ids1, _) = examples
     assert len(ids0) == 33 and len(mask0) == 33 and sum(mask0) > 0
@@ -58,6 +58,22 @@ def test_truncation_and_dropping(tok, tmp_path):
     assert (ids0, mask0) == (full_ids[:33], full_mask[:33])
     assert ids1 == tok.render_chat(short)[0]
     assert stats["tokens"] == 33 + len(ids1)
+
+
+def test_too_long_turns_keeps_whole_turns_ending_in_end_of_turn(tok, tmp_path):
+    two_turns = conv("q", "short answer") + [{"role": "user", "content": "more?"},
+                                             {"role": "assistant", "content": "word " * 200}]
+    long_answer = conv("q", "word " * 200)  # its only reply does not fit: dropped, not cut mid-reply
+    short = conv("a", "b")
+    examples, stats = render_examples(tok, write_jsonl(tmp_path / "t.jsonl", [two_turns, long_answer, short]),
+                                      seq_len=32)
+    assert stats["truncated"] == 2 and stats["dropped"] == 1 and stats["examples"] == 2
+    (ids0, mask0), (ids1, _) = examples
+    assert (ids0, mask0) == tok.render_chat(two_turns[:2])  # exactly the first exchange, <|end|> included
+    assert ids0[-1] == tok.end_id and mask0[-1] == 1
+    assert ids1 == tok.render_chat(short)[0]
+    with pytest.raises(UserError, match="too_long='trim' is not known"):
+        render_examples(tok, tmp_path / "t.jsonl", 32, too_long="trim")
 
 
 def test_bad_lines_name_file_and_line(tok, tmp_path):
@@ -85,10 +101,10 @@ def test_real_alpaca_sample(tok, tmp_path):
     recs = json.loads(src.read_text(encoding="utf-8"))[:200]
     convs = [conv((r["instruction"] + ("\n\n" + r["input"] if r["input"] else "")), r["output"]) for r in recs]
     examples, stats = render_examples(tok, write_jsonl(tmp_path / "sft.jsonl", convs), seq_len=128)
-    assert stats["examples"] + stats["dropped"] == 200 and stats["truncated"] > 0
-    kept = [c for c in convs if any(tok.render_chat(c)[1][:129])]
+    assert stats["examples"] + stats["dropped"] == 200 and stats["dropped"] == stats["truncated"] > 0
+    kept = [c for c in convs if len(tok.render_chat(c)[0]) <= 129]  # single turns: whole, or not at all
     assert len(kept) == len(examples)
     for (ids, mask), c in zip(examples, kept):
-        assert len(ids) <= 129 and ids[0] == tok.bos_id
-        if len(ids) < 129:  # untruncated: the learned tokens decode to exactly the answer
-            assert tok.decode([i for i, m in zip(ids, mask) if m]) == c[-1]["content"]
+        assert ids[0] == tok.bos_id and ids[-1] == tok.end_id  # the learned tokens: exactly answer + <|end|>
+        learned = [i for i, m in zip(ids, mask) if m]
+        assert learned[-1] == tok.end_id and tok.decode(learned[:-1]) == c[-1]["content"]

@@ -216,9 +216,9 @@ def test_bad_chat_input_is_skipped_and_counted(base_run, tmp_path):
     ev = run_finetune(cfg, paths, inputs=[str(f)], eval_prompts=0)["eval"]
     assert ev["data"]["skipped"] == {"bad_order": 1, "empty": 1, "no_assistant": 1, "non_string_content": 1}
     tr, va = ev["data"]["train"], ev["data"]["val"]
-    assert tr["truncated"] + va["truncated"] == 2  # both long conversations were cut to the context ...
-    assert tr["dropped"] + va["dropped"] == 1  # ... and the one with no assistant token left is dropped
-    assert tr["examples"] + va["examples"] == 41
+    assert tr["truncated"] + va["truncated"] == 2  # both long conversations were over the context ...
+    assert tr["dropped"] + va["dropped"] == 2  # ... and no whole reply of theirs fits: dropped, not cut mid-reply
+    assert tr["examples"] + va["examples"] == 40
 
     only_bad = write_jsonl(tmp_path / "bad.jsonl", bad[:4])
     with pytest.raises(UserError, match="no usable chat examples") as e:

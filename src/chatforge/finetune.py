@@ -31,10 +31,10 @@ MODES = ("sft", "cpt")
 EVAL_PROMPTS = 20  # held-out prompts answered before/after, for the end-of-turn share
 
 
-def sft_examples(tok, path: Path, seq_len: int):
+def sft_examples(tok, path: Path, seq_len: int, too_long: str = "turns"):
     from .data.chat import render_examples
     _need(path, "prepare")
-    examples, stats = render_examples(tok, path, seq_len)
+    examples, stats = render_examples(tok, path, seq_len, too_long)
     if not examples:
         raise UserError(f"no usable chat examples in {path} ({stats}); check the file's format")
     return examples, stats
@@ -287,8 +287,8 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
     # Data: the training loader, the in-training validation, and the before/after evaluation sets.
     if mode == "sft":
         sft_dir = _sft_dir(cfg, paths, inputs, resume)
-        train_ex, train_stats = sft_examples(tok, sft_dir / "sft_train.jsonl", seq_len)
-        val_ex, val_stats = sft_examples(tok, sft_dir / "sft_val.jsonl", seq_len)
+        train_ex, train_stats = sft_examples(tok, sft_dir / "sft_train.jsonl", seq_len, getattr(fcfg, "too_long", "turns"))
+        val_ex, val_stats = sft_examples(tok, sft_dir / "sft_val.jsonl", seq_len, getattr(fcfg, "too_long", "turns"))
         manifest_path = sft_dir / "sft_manifest.json"
         skipped = json.loads(manifest_path.read_text()).get("skipped", {}) if manifest_path.is_file() else {}
         data_info = {"sft_dir": str(sft_dir), "skipped": skipped, "train": train_stats, "val": val_stats}

@@ -1,8 +1,9 @@
 """Serving load test: C concurrent clients send N chat requests in all; errors, p50/p95 latency, tokens/s.
 
-By default it starts a server in-process on a tiny random model; --url points it at a running server instead
-(e.g. `chatforge serve`), --run loads a trained run.
-    python benchmarks/bench_serve.py [--requests 200 --concurrency 8 --max-tokens 32 --stream]
+By default it starts a server process on a small random model, twice: with continuous batching (--max-batch,
+default 8) and one request at a time (--max-batch 1), and prints the throughput ratio. --url points it at a
+running server instead (e.g. `chatforge serve`), --run loads a trained run.
+    python benchmarks/bench_serve.py [--requests 200 --concurrency 8 --max-tokens 32 --stream --max-batch 8]
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import httpx
 import torch
 
 
-def run_server(args, port: int) -> None:
+def run_server(args, port: int, max_batch: int) -> None:
     """Child process: build the engine and serve it until killed."""
     import uvicorn
 
@@ -40,15 +41,16 @@ def run_server(args, port: int) -> None:
         torch.manual_seed(0)
         cfg = ModelConfig(n_layer=4, n_embd=256, seq_len=512, vocab_size=tok.vocab_size, init_std=0.1)
         engine = Engine(GPT(cfg), tok, device=args.device)
-    uvicorn.run(create_app(engine, "bench"), host="127.0.0.1", port=port, log_level="warning")
+    uvicorn.run(create_app(engine, "bench", max_batch=max_batch), host="127.0.0.1", port=port, log_level="warning")
 
 
-def start_server(args) -> tuple[str, multiprocessing.Process]:
+def start_server(args, max_batch: int) -> tuple[str, multiprocessing.Process]:
     """A server in its own process, so the clients' threads do not share its interpreter lock."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = multiprocessing.get_context("spawn").Process(target=run_server, args=(args, port), daemon=True)
+    proc = multiprocessing.get_context("spawn").Process(target=run_server, args=(args, port, max_batch),
+                                                      daemon=True)
     proc.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -109,9 +111,19 @@ def main() -> None:
     ap.add_argument("--stage", default="finetune")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the server (0: torch's default)")
+    ap.add_argument("--max-batch", type=int, default=8, help="the server's continuous batching width")
     args = ap.parse_args()
+    if args.url:
+        load(args, args.url.rstrip("/"), None)
+        return
+    rates = {mb: load(args, *start_server(args, mb), label=f"max_batch {mb}")
+             for mb in dict.fromkeys([args.max_batch, 1])}
+    if len(rates) == 2:
+        print(f"throughput ratio, max_batch {args.max_batch} / one at a time: {rates[args.max_batch] / rates[1]:.2f}x")
 
-    url, server = (args.url.rstrip("/"), None) if args.url else start_server(args)
+
+def load(args, url: str, server, label: str = "") -> float:
+    """Run the load against url; print the figures; return completion tokens/s."""
     client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=args.concurrency))
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.concurrency) as pool:
@@ -124,8 +136,8 @@ def main() -> None:
     def pct(xs: list[float], p: float) -> float:
         return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
 
-    print(f"{args.requests} requests, {args.concurrency} concurrent clients, max_tokens {args.max_tokens}, "
-          f"{'streaming' if args.stream else 'non-streaming'}, {wall:.1f} s")
+    print(f"== {label or url}: {args.requests} requests, {args.concurrency} concurrent clients, "
+          f"max_tokens {args.max_tokens}, {'streaming' if args.stream else 'non-streaming'}, {wall:.1f} s")
     print(f"errors: {len(results) - len(ok)}")
     print(f"latency p50 {pct(lat, 0.5) * 1000:.0f} ms, p95 {pct(lat, 0.95) * 1000:.0f} ms, "
           f"mean {statistics.fmean(lat) * 1000 if lat else float('nan'):.0f} ms")
@@ -136,6 +148,7 @@ def main() -> None:
     if server is not None:
         server.terminate()
         server.join(timeout=10)
+    return tokens / wall
 
 
 if __name__ == "__main__":

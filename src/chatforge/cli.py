@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     subs["serve"].add_argument("--host", default="127.0.0.1")
     subs["serve"].add_argument("--port", type=int, default=8000)
     subs["serve"].add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    subs["serve"].add_argument("--max-batch", type=int, default=8,
+                               help="requests decoded together (continuous batching); 1 = one at a time")
     subs["export"].add_argument("--format", default="hf", choices=["hf"])
     subs["export"].add_argument("--out", "-o", help="output directory (default: RUN_DIR/export/hf)")
     subs["embeddings"].add_argument("--near", help="word or token to find neighbours of")

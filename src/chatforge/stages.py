@@ -395,9 +395,13 @@ def chat(cfg: Config, paths: RunPaths, stage="auto", which="best", system: str |
              temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, repetition_penalty=g.repetition_penalty)
 
 
-def serve_run(cfg: Config, paths: RunPaths, stage="auto", which="best", host="127.0.0.1", port=8000, api_key=None):
+def serve_run(cfg: Config, paths: RunPaths, stage="auto", which="best", host="127.0.0.1", port=8000, api_key=None,
+              max_batch=8):
     from .serve.app import serve
-    serve(_engine(paths, stage, which), host=host, port=port, api_key=api_key, model_name=cfg.name)
+    if max_batch < 1:
+        raise UserError(f"--max-batch must be at least 1 (got {max_batch})")
+    serve(_engine(paths, stage, which), host=host, port=port, api_key=api_key, model_name=cfg.name,
+          max_batch=max_batch)
 
 
 def export(cfg: Config, paths: RunPaths, out: str | None, stage="auto", which="best", force=False) -> Path:
@@ -570,7 +574,7 @@ def run(args: Namespace) -> int:
     elif cmd == "chat":
         chat(cfg, paths, args.stage, args.checkpoint, args.system)
     elif cmd == "serve":
-        serve_run(cfg, paths, args.stage, args.checkpoint, args.host, args.port, args.api_key)
+        serve_run(cfg, paths, args.stage, args.checkpoint, args.host, args.port, args.api_key, args.max_batch)
     elif cmd == "export":
         export(cfg, paths, args.out or (extra[0] if extra else None), args.stage, args.checkpoint, args.force)
     elif cmd == "embeddings":

@@ -1,14 +1,14 @@
 """OpenAI-compatible HTTP server (chat completions, completions, models) and a one-page web chat.
 
-The model serves one request at a time behind a lock; other requests wait their turn (FastAPI runs the
-blocking generation in its thread pool, so the event loop keeps accepting connections meanwhile).
+Concurrent requests are decoded together by a Batcher (continuous batching: a request joins the running
+batch between two decode steps and leaves when it ends). Handlers wait for their text in FastAPI's thread
+pool, so the event loop keeps accepting connections meanwhile.
 Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, so OpenAI clients surface them.
 """
 from __future__ import annotations
 
 import html
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..batcher import Batcher
 from ..engine import Engine, TextStream
 from ..errors import UserError
 
@@ -71,9 +72,11 @@ def _content(m: dict, i: int) -> str:
     raise APIError(400, f"messages[{i}].content must be a string", f"messages[{i}].content", "invalid_content")
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None, default_max_tokens: int = 256) -> FastAPI:
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, default_max_tokens: int = 256,
+               max_batch: int = 8) -> FastAPI:
     app = FastAPI(title="chatforge", docs_url=None, redoc_url=None)
-    lock = threading.Lock()
+    batcher = Batcher(engine, max_batch=max_batch)
+    app.state.batcher = batcher
     ctx = engine.seq_len
     page = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{MODEL_NAME}}", html.escape(model_name))
 
@@ -150,31 +153,29 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
         )
 
     # ---- generation --------------------------------------------------------------------------
-    def run_locked(ids: list[int], params: dict, stop_ids: tuple[int, ...]) -> tuple[str, TextStream]:
-        with lock:
-            stream = engine.stream(ids, stop_ids=stop_ids, **params)
-            return "".join(stream), stream
+    def run_batched(ids: list[int], params: dict, stop_ids: tuple[int, ...]) -> tuple[str, TextStream]:
+        stream = batcher.submit(ids, stop_ids=stop_ids, **params)
+        return "".join(stream), stream
 
     def sse(obj: dict | str) -> str:
         return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
-    def stream_locked(ids: list[int], params: dict, stop_ids: tuple[int, ...], chunk: callable,
-                      include_usage: bool) -> Iterator[str]:
-        with lock:
-            stream = engine.stream(ids, stop_ids=stop_ids, **params)
-            try:
-                yield sse(chunk(None, first=True))
-                for delta in stream:
-                    yield sse(chunk(delta))
-                yield sse(chunk(None, finish=stream.finish_reason))
-                if include_usage:
-                    yield sse(chunk(None, usage=usage(len(ids), stream.n_tokens)))
-            except UserError as e:
-                yield sse(error_body(str(e)))
-            except Exception as e:  # noqa: BLE001 - the status line is sent already: report it in-band
-                yield sse(error_body(f"internal error: {e}", "server_error"))
-            finally:
-                stream.close()
+    def stream_batched(ids: list[int], params: dict, stop_ids: tuple[int, ...], chunk: callable,
+                       include_usage: bool) -> Iterator[str]:
+        stream = batcher.submit(ids, stop_ids=stop_ids, **params)
+        try:
+            yield sse(chunk(None, first=True))
+            for delta in stream:
+                yield sse(chunk(delta))
+            yield sse(chunk(None, finish=stream.finish_reason))
+            if include_usage:
+                yield sse(chunk(None, usage=usage(len(ids), stream.n_tokens)))
+        except UserError as e:
+            yield sse(error_body(str(e)))
+        except Exception as e:  # noqa: BLE001 - the status line is sent already: report it in-band
+            yield sse(error_body(f"internal error: {e}", "server_error"))
+        finally:
+            stream.close()  # a client that went away frees its batch row
         yield sse("[DONE]")
 
     def usage(prompt: int, completion: int) -> dict:
@@ -200,11 +201,11 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
                     choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
                 return {**base, "choices": [choice]}
 
-            return StreamingResponse(stream_locked(ids, params, stop_ids, chunk, include_usage),
+            return StreamingResponse(stream_batched(ids, params, stop_ids, chunk, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            text, stream = await run_in_threadpool(run_locked, ids, params, stop_ids)
+            text, stream = await run_in_threadpool(run_batched, ids, params, stop_ids)
         except UserError as e:
             raise APIError(400, str(e))
         if kind == "chat":
@@ -269,7 +270,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str = "chatforge") -> None:
+          model_name: str = "chatforge", max_batch: int = 8) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(engine, model_name, api_key=api_key), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(engine, model_name, api_key=api_key, max_batch=max_batch), host=host, port=port,
+                log_level="info")

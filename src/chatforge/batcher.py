@@ -1,0 +1,190 @@
+"""Continuous batching: concurrent generations share each decode step of one model.
+
+One scheduler thread owns the model. A request joins between two steps: its prompt is prefilled alone,
+straight into a free row of the shared KV cache, and from then on its next token is computed in the same
+batched step as every other active row. A row leaves as soon as it ends (stop, length, or its reader went
+away); the last row moves into its place, so the active rows are always rows 0..n-1 and a lone request decodes
+as a batch of one. Rows keep their own lengths and positions; the attention mask hides each row's columns past
+its own end. Every row samples with its own settings and seed, and its text goes out through its own queue,
+with Engine.stream's stop handling (StopText).
+
+Decoding one token is bound by reading the weights and by per-operation overhead, not by arithmetic, so a step
+for 8 rows costs far less than 8 steps for one row: that is the whole gain.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .engine import Engine, FusedKVCache, StopText, TextStream, sample_next
+
+_END = object()  # queue sentinel: the reply is complete
+
+
+class _Row:
+    def __init__(self, ids: list[int], stop_ids: Sequence[int], max_new_tokens: int, temperature: float,
+                 top_k: int, top_p: float, repetition_penalty: float, stop_strings: Sequence[str],
+                 seed: int | None, text: StopText):
+        self.ids = list(ids)  # prompt, then the sampled tokens (the repetition penalty's history)
+        self.max_new = max_new_tokens
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty)
+        self.gen: torch.Generator | None = None
+        self.seed = seed
+        self.text = text
+        self.out: queue.Queue = queue.Queue()
+        self.new = 0  # tokens sampled so far
+        self.cancelled = False
+        self.finish_reason: str | None = None
+
+
+class Batcher:
+    """Submit prompts from any thread; each gets a TextStream that fills while the scheduler decodes."""
+
+    def __init__(self, engine: Engine, max_batch: int = 8):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.engine = engine
+        self.fast = engine._plain_linears()  # else (LoRA-wrapped layers) rows decode one at a time
+        self.max_batch = max_batch if self.fast else 1
+        c = engine.model.cfg
+        w = engine.model.embed_tokens.weight
+        self.cache = FusedKVCache(c.n_layer, self.max_batch, c.n_kv_head, c.seq_len, c.head_dim,
+                                  device=w.device, dtype=w.dtype)
+        self.rows: list[_Row] = []
+        self.lens: list[int] = []  # tokens in the cache, per row
+        self.waiting: queue.Queue[_Row] = queue.Queue()
+        self.steps = 0  # decode steps run, and rows decoded in them: their ratio is the mean batch size
+        self.row_steps = 0
+        self._thread = threading.Thread(target=self._loop, name="chatforge-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 50,
+               top_p: float = 0.95, repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (),
+               stop_strings: Sequence[str] = (), seed: int | None = None) -> TextStream:
+        """Like Engine.stream; the caller validates the prompt length (it must leave room in the context)."""
+        if not prompt_ids or len(prompt_ids) >= self.engine.seq_len:
+            raise ValueError(f"a prompt needs 1 to {self.engine.seq_len - 1} tokens; got {len(prompt_ids)}")
+        row = _Row(prompt_ids, stop_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                   stop_strings, seed, StopText(self.engine.tok, stop_ids, stop_strings))
+        stream = TextStream(iter(()))
+
+        def read() -> Iterator[str]:
+            try:
+                while True:
+                    item = row.out.get()
+                    if item is _END:
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    stream.n_tokens = row.text.n_tokens
+                    yield item
+                stream.n_tokens = row.text.n_tokens
+                stream.finish_reason = row.finish_reason
+            finally:
+                row.cancelled = True  # the reader is gone (done, or closed early): free the row
+
+        stream._it = read()
+        self.waiting.put(row)
+        return stream
+
+    # ---- scheduler -----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            try:
+                self._admit()
+                if self.rows:
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - a failed step fails its rows, never the scheduler
+                for r in self.rows:
+                    r.out.put(e)
+                self.rows, self.lens = [], []
+
+    def _admit(self) -> None:
+        while len(self.rows) < self.max_batch:
+            try:  # with nothing to decode, sleep until a request comes
+                row = self.waiting.get(block=not self.rows)
+            except queue.Empty:
+                return
+            if row.cancelled:
+                continue
+            try:
+                self._prefill(row)
+            except Exception as e:  # noqa: BLE001 - this request fails alone
+                row.out.put(e)
+
+    @torch.inference_mode()
+    def _prefill(self, row: _Row) -> None:
+        eng = self.engine
+        if self.fast:
+            eng._prepared()  # fused weights, rebuilt only if the parameters changed
+        dev = self.cache.kv[0].device
+        if row.seed is not None:
+            row.gen = torch.Generator(device=dev)
+            row.gen.manual_seed(row.seed)
+        n, L = len(self.rows), len(row.ids)
+        ids = torch.tensor([row.ids], device=dev)
+        logits = eng._forward(ids, torch.arange(L, device=dev).unsqueeze(0), None, self.cache.rows(n, n + 1))
+        self.rows.append(row)
+        self.lens.append(L)
+        self._emit(n, logits)
+        self._drop_finished()
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        n, dev = len(self.rows), self.cache.kv[0].device
+        last = torch.tensor([[r.ids[-1]] for r in self.rows], device=dev)
+        lens = torch.tensor(self.lens, device=dev)
+        pos = lens.unsqueeze(1)  # the new token's position is the row's length so far
+        if self.fast:
+            width = max(self.lens) + 1
+            mask = (torch.arange(width, device=dev).unsqueeze(0) <= pos)[:, None, None, :]  # (n, 1, 1, width)
+            logits = self.engine._decode_step(last, pos, mask, self.cache.rows(0, n, lens.clone(), width))
+        else:  # one row: the model's own blocks, through their adapters
+            logits = self.engine._forward(last, pos, None, self.cache.rows(0, 1, self.lens[0]))
+        self.steps += 1
+        self.row_steps += n
+        for i in range(n):
+            self.lens[i] += 1
+            self._emit(i, logits[i:i + 1])
+        self._drop_finished()
+
+    def _emit(self, i: int, logits: torch.Tensor) -> None:
+        """Sample row i's next token from its logits (1, V) and send its text; mark the row finished if it is."""
+        r = self.rows[i]
+        if r.cancelled:
+            return
+        hist = torch.tensor([r.ids], device=logits.device) if r.sampling["repetition_penalty"] != 1.0 else None
+        t = int(sample_next(logits, hist, generator=r.gen, **r.sampling)[0])
+        r.ids.append(t)
+        r.new += 1
+        delta = r.text.push(t)
+        if delta:
+            r.out.put(delta)
+        if r.text.stopped:
+            r.finish_reason = "stop"
+        elif r.new >= r.max_new or self.lens[i] + 1 >= self.engine.seq_len:
+            r.finish_reason = "length"  # the token just sampled would not fit in the context
+        if r.finish_reason:
+            tail = r.text.end()
+            if tail:
+                r.out.put(tail)
+            r.out.put(_END)
+
+    def _drop_finished(self) -> None:
+        i = 0
+        while i < len(self.rows):
+            r = self.rows[i]
+            if r.finish_reason is None and not r.cancelled:
+                i += 1
+                continue
+            last = len(self.rows) - 1
+            if i != last:  # move the last row into the gap: the active rows stay 0..n-1
+                for buf in self.cache.kv:
+                    buf[i, :, :self.lens[last]] = buf[last, :, :self.lens[last]]
+                self.rows[i], self.lens[i] = self.rows[last], self.lens[last]
+            self.rows.pop()
+            self.lens.pop()

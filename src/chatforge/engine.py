@@ -120,19 +120,27 @@ class Engine:
 
         Projections are copies laid out for `self._lin`: on CPU transposed to (in, out), because a
         vector-matrix product reads that layout about 1.2x (small) to 1.8x (a 32k vocabulary) faster than
-        F.linear's (out, in); elsewhere F.linear's own layout. q/k/v and gate/up are concatenated. The copies
-        are made on first use and again whenever a parameter has changed since (an Engine kept across training
-        steps must not decode with stale copies); they cost one more copy of the weights, in memory.
+        F.linear's (out, in); elsewhere F.linear's own layout. q/k/v and gate/up are concatenated. On CPU
+        (fp32) each RMSNorm's weight is also folded into the projection after it (norm(x) @ W == (x * r) @
+        (w * W), r = rsqrt(mean(x^2) + eps)), and its entry is None: the norm is then four cheap operations.
+        The copies are made on first use and again whenever a parameter has changed since (an Engine kept
+        across training steps must not decode with stale copies); they cost one more copy of the weights.
         """
         key = tuple(p._version for p in self.model.parameters())
         if getattr(self, "_layers_key", None) != key:
             c = self.model.cfg
-            cpu = self.device.type == "cpu"
+            cpu = self.device.type == "cpu" and self.model.embed_tokens.weight.dtype == torch.float32
             self._lin = torch.mm if cpu else F.linear
+            self._lin_add = torch.addmm if cpu else (lambda x, y, w: x + F.linear(y, w))  # x + y @ W
 
-            def lay(*ws: torch.Tensor) -> torch.Tensor:
+            def lay(*ws: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
                 w = torch.cat(ws) if len(ws) > 1 else ws[0]
-                return w.t().contiguous() if cpu else w
+                if not cpu:
+                    return w
+                return (w * norm if norm is not None else w).t().contiguous()
+
+            def folded(norm: torch.Tensor) -> torch.Tensor | None:
+                return None if cpu else norm
 
             with torch.inference_mode():
                 layers = []
@@ -142,10 +150,14 @@ class Engine:
                     if a.q_norm is not None:  # one (H + KV, D) weight: q heads use q_norm's, k heads k_norm's
                         qk_norm = torch.cat([a.q_norm.weight.expand(c.n_head, -1),
                                              a.k_norm.weight.expand(c.n_kv_head, -1)])
-                    layers.append((b.input_layernorm.weight, lay(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
-                                   qk_norm, lay(a.o_proj.weight), b.post_attention_layernorm.weight,
-                                   lay(b.mlp.gate_proj.weight, b.mlp.up_proj.weight), lay(b.mlp.down_proj.weight)))
-                self._head = lay(self.model.lm_head.weight)
+                    w_in, w_post = b.input_layernorm.weight, b.post_attention_layernorm.weight
+                    layers.append((folded(w_in), lay(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, norm=w_in),
+                                   qk_norm, lay(a.o_proj.weight), folded(w_post),
+                                   lay(b.mlp.gate_proj.weight, b.mlp.up_proj.weight, norm=w_post),
+                                   lay(b.mlp.down_proj.weight)))
+                w_norm = self.model.norm.weight
+                self._final_norm, self._head = folded(w_norm), lay(self.model.lm_head.weight, norm=w_norm)
+                self._eps = torch.tensor(c.norm_eps, device=self.device)
                 # rotate_half(x) * sin == roll(x, D/2) * sin_signed, with the first half of sin negated (exact).
                 half = c.head_dim // 2
                 self._sin_signed = torch.cat([-self.model.rope_sin[:, :half], self.model.rope_sin[:, half:]], -1)
@@ -158,8 +170,11 @@ class Engine:
                    for mod in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj, b.self_attn.o_proj,
                                b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj))
 
-    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _norm(self, x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
         eps = self.model.cfg.norm_eps
+        if w is None:  # the weight is folded into the next projection: x * rsqrt(mean(x^2) + eps)
+            n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            return x * torch.addcmul(self._eps, n, n, value=1 / x.shape[-1]).rsqrt_()
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), w, eps)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * w  # fp32 statistics, as RMSNorm
@@ -174,7 +189,7 @@ class Engine:
         rows have different lengths; then `mask` must hide each row's columns past its own).
         """
         m, c = self.model, self.model.cfg
-        layers, lin = self._layers, self._lin  # built by _prepared() at the start of each generation
+        layers, lin, lin_add = self._layers, self._lin, self._lin_add  # from _prepared(), once per generation
         B = tok.shape[0]
         H, KV, D = c.n_head, c.n_kv_head, c.head_dim
         hid = layers[0][6].shape[0 if lin is torch.mm else 1]
@@ -198,11 +213,11 @@ class Engine:
                 buf.select(2, at).copy_(qkv[:, H:])  # roped key heads, then value heads
             y = F.scaled_dot_product_attention(qkv[:, :H].unsqueeze(2), buf[:, :KV, :width],
                                                buf[:, KV:, :width], attn_mask=mask, enable_gqa=KV != H)
-            x = x + lin(y.view(B, H * D), w_o)
+            x = lin_add(x, y.view(B, H * D), w_o)
             gu = lin(self._norm(x, w_post), w_gu)
-            x = x + lin(F.silu(gu[:, :hid]).mul_(gu[:, hid:]), w_down)
+            x = lin_add(x, F.silu(gu[:, :hid]).mul_(gu[:, hid:]), w_down)
         cache.pos += 1
-        return lin(self._norm(x, m.norm.weight), self._head)
+        return lin(self._norm(x, self._final_norm), self._head)
 
     def _forward(self, idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
                  cache: "FusedKVCache | None") -> torch.Tensor:

@@ -16,7 +16,7 @@ from chatforge.config import load_config
 from chatforge.data.loader import IGNORE, SFTLoader
 from chatforge.engine import Engine
 from chatforge.errors import UserError
-from chatforge.finetune import load_start, run_finetune
+from chatforge.finetune import held_out_prompts, load_start, run_finetune
 from chatforge.lora import load_adapter
 from chatforge.paths import RunPaths
 from chatforge.tokenizer import Tokenizer
@@ -199,6 +199,16 @@ def test_hf_tokenizer_without_our_special_tokens_is_refused(base_run, tmp_path):
     foreign.save(str(hf_dir / "tokenizer.json"))
     with pytest.raises(UserError, match="chat tokens"):
         load_start(cfg, RunPaths(tmp_path / "fresh"), str(hf_dir))
+
+
+def test_held_out_prompts_spread_over_the_sources(tmp_path):
+    val = tmp_path / "sft_val.jsonl"
+    recs = [{"messages": [{"role": "user", "content": f"{src} {i}"}, {"role": "assistant", "content": "a"}]}
+            for src in ("alpaca", "gsm8k") for i in range(10)]
+    val.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    prompts = held_out_prompts(val, 4)
+    assert [p[-1]["content"] for p in prompts] == ["alpaca 0", "alpaca 5", "gsm8k 0", "gsm8k 5"]
+    assert len(held_out_prompts(val, 50)) == 20
 
 
 def test_bad_chat_input_is_skipped_and_counted(base_run, tmp_path):

@@ -109,6 +109,13 @@ def test_sft_targets_are_masked_next_tokens():
     assert b["y"][3].tolist()[:3] == [41, IGNORE, 43]
 
 
+def test_sft_eval_batches_limited_are_spread_over_the_file():
+    # A prepared val file lists its sources one after another: a limited evaluation must not see only the first.
+    examples = [([0, 1, 2], [0, 1, 1])] * 30 + [([0, 7, 8], [0, 1, 1])] * 30
+    firsts = [int(x) for b in iter_sft_eval_batches(examples, 4, 8, pad_id=99, max_batches=2) for x in b["x"][:, 1]]
+    assert len(firsts) == 8 and firsts.count(1) == 4 and firsts.count(7) == 4
+
+
 def test_sft_packing_rows_and_doc_ids():
     L = SFTLoader(EXAMPLES, 2, 12, pad_id=99, seed=0, pack=True)
     b = L.next_batch()

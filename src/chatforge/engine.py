@@ -7,10 +7,12 @@ no padding mask; it also runs the vocabulary projection only for the last positi
 
 Decoding one token at a time is bound by per-operation overhead (and, for bigger models, by reading the
 weights), not arithmetic: `_decode_step` is a lean re-statement of a block for a single new position: q/k/v
-and gate/up projections fused into one matmul each, fused RMSNorm, RoPE on the q and k heads at once with a
-roll instead of rotate-half's slice/negate/concatenate, in-place elementwise work, the new key and value
-stored with one copy into a joint K/V buffer (FusedKVCache), no module-call machinery. It must stay
-numerically the same function as model.Block; tests compare it with the plain forward and with transformers.
+and gate/up projections fused into one matmul each; on CPU, weights transposed for vector-matrix products,
+RMSNorm weights folded into the next projection and residual adds fused into addmm; RoPE on the q and k
+heads at once with a roll instead of rotate-half's slice/negate/concatenate, in-place elementwise work, the
+new key and value stored with one copy into a joint K/V buffer (FusedKVCache), no module-call machinery. It
+must stay the same function as model.Block up to float rounding; tests compare it with the plain forward and
+with transformers (same greedy tokens).
 torch.compile of this step was measured and not adopted: on CPU it cost ~35 s of compilation for ~10%.
 """
 from __future__ import annotations
@@ -205,8 +207,8 @@ class Engine:
             qk = qkv[:, :H + KV]
             if w_qkn is not None:
                 qk.copy_(F.rms_norm(qk.float(), (D,), eps=c.norm_eps).to(qk.dtype) * w_qkn)
-            rot = torch.roll(qk, D // 2, -1).mul_(sin)
-            qk.mul_(cos).add_(rot)
+            rot = torch.roll(qk, D // 2, -1)
+            qk.mul_(cos).addcmul_(rot, sin)
             if per_row:
                 buf[rows, :, at] = qkv[:, H:]
             else:

@@ -164,7 +164,8 @@ def _token_arrays(shard_dir: Path, tok) -> list:
 # ---------------------------------------------------------------- evidence
 
 def held_out_prompts(sft_val: Path, n: int = EVAL_PROMPTS) -> list[list[dict]]:
-    """The first n conversations of a prepared sft_val.jsonl, cut before their first assistant turn."""
+    """n conversations spread evenly over a prepared sft_val.jsonl (which lists its sources one after another,
+    so the head would be one source only), each cut before its first assistant turn."""
     out: list[list[dict]] = []
     if n <= 0 or not Path(sft_val).is_file():
         return out
@@ -176,9 +177,7 @@ def held_out_prompts(sft_val: Path, n: int = EVAL_PROMPTS) -> list[list[dict]]:
             k = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), None)
             if k:
                 out.append(msgs[:k])
-            if len(out) == n:
-                break
-    return out
+    return [out[i * len(out) // n] for i in range(n)] if len(out) > n else out
 
 
 def reply_check(model, tok, prompts: list[list[dict]], max_new_tokens: int, device="cpu") -> dict:

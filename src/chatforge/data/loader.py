@@ -279,9 +279,13 @@ def iter_eval_batches(arrays: Sequence[np.ndarray], batch_size: int, seq_len: in
 
 def iter_sft_eval_batches(examples: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int,
                           seq_len: int, pad_id: int, max_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """One example per row, padded, in order; targets masked like training."""
+    """One example per row, padded, in order; targets masked like training. With max_batches, the examples are
+    spread evenly over the list (a prepared file lists its sources one after another)."""
     pairs = [_sft_pair(ids, m, seq_len) for ids, m in examples]
     pairs = [p for p in pairs if p[0]]
+    if max_batches and len(pairs) > max_batches * batch_size:
+        n = max_batches * batch_size
+        pairs = [pairs[i * len(pairs) // n] for i in range(n)]
     for k, i in enumerate(range(0, len(pairs), batch_size)):
         if max_batches and k >= max_batches:
             return

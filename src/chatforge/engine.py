@@ -195,26 +195,26 @@ class Engine:
         B = tok.shape[0]
         H, KV, D = c.n_head, c.n_kv_head, c.head_dim
         hid = layers[0][6].shape[0 if lin is torch.mm else 1]
-        cos = m.rope_cos[pos]  # (B, 1, D): broadcasts over the heads of (B, heads, D)
-        sin = self._sin_signed[pos]
+        cos = m.rope_cos[pos].unsqueeze(1)  # (B, 1, 1, D): broadcasts over the heads of (B, heads, 1, D)
+        sin = self._sin_signed[pos].unsqueeze(1)
         at = cache.pos
         per_row = not isinstance(at, int)
         width = cache.width if per_row else at + 1
         rows = torch.arange(B, device=tok.device) if per_row else None
         x = F.embedding(tok[:, 0], m.embed_tokens.weight)  # (B, E)
-        for buf, (w_in, w_qkv, w_qkn, w_o, w_post, w_gu, w_down) in zip(cache.kv, layers):
-            qkv = lin(self._norm(x, w_in), w_qkv).view(B, H + 2 * KV, D)
+        for buf, k, v, (w_in, w_qkv, w_qkn, w_o, w_post, w_gu, w_down) in zip(cache.kv, *cache.kv_views(), layers):
+            qkv = lin(self._norm(x, w_in), w_qkv).view(B, H + 2 * KV, 1, D)  # heads as (B, heads, 1, D)
             qk = qkv[:, :H + KV]
             if w_qkn is not None:
-                qk.copy_(F.rms_norm(qk.float(), (D,), eps=c.norm_eps).to(qk.dtype) * w_qkn)
+                qk.copy_(F.rms_norm(qk.float(), (D,), eps=c.norm_eps).to(qk.dtype) * w_qkn.unsqueeze(1))
             rot = torch.roll(qk, D // 2, -1)
             qk.mul_(cos).addcmul_(rot, sin)
             if per_row:
-                buf[rows, :, at] = qkv[:, H:]
+                buf[rows, :, at] = qkv[:, H:, 0]
             else:
-                buf.select(2, at).copy_(qkv[:, H:])  # roped key heads, then value heads
-            y = F.scaled_dot_product_attention(qkv[:, :H].unsqueeze(2), buf[:, :KV, :width],
-                                               buf[:, KV:, :width], attn_mask=mask, enable_gqa=KV != H)
+                buf[:, :, at:at + 1] = qkv[:, H:]  # roped key heads, then value heads
+            y = F.scaled_dot_product_attention(qkv[:, :H], k[:, :, :width], v[:, :, :width], attn_mask=mask,
+                                               enable_gqa=KV != H)
             x = lin_add(x, y.view(B, H * D), w_o)
             gu = lin(self._norm(x, w_post), w_gu)
             x = lin_add(x, F.silu(gu[:, :hid]).mul_(gu[:, hid:]), w_down)
@@ -455,12 +455,21 @@ class FusedKVCache:
         self.max_len = max_len
         self.pos = 0  # next column to write: an int for all rows, or a (B,) tensor (then `width` is set)
         self.width = 0
+        self._views: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def kv_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer, the key part and the value part of its buffer (views, made once)."""
+        if self._views is None:
+            n = self.n_kv_head
+            self._views = [b[:, :n] for b in self.kv], [b[:, n:] for b in self.kv]
+        return self._views
 
     def rows(self, start: int, stop: int, pos: "int | torch.Tensor" = 0, width: int = 0) -> "FusedKVCache":
         """A cache over rows [start, stop) of this one's buffers (views: writes land here)."""
         view = FusedKVCache.__new__(FusedKVCache)
         view.kv = [b[start:stop] for b in self.kv]
         view.n_kv_head, view.max_len, view.pos, view.width = self.n_kv_head, self.max_len, pos, width
+        view._views = None
         return view
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -92,7 +92,9 @@ def main() -> None:
     print(f"chat val loss        {b['chat_val_loss']:.4f} -> {f['chat_val_loss']:.4f}")
     print(f"general val loss     {b['general_val_loss']:.4f} -> {f['general_val_loss']:.4f}  (TinyStories val: forgetting)")
     print(f"end-of-turn share    {b['end_of_turn_share']:.0%} -> {f['end_of_turn_share']:.0%}  "
-          f"({f['prompts']} held-out prompts, greedy, <= {ev['max_new_tokens']} new tokens)")
+          f"({f['prompts']} held-out prompts, <= {ev['max_new_tokens']} new tokens, sampled as `chatforge chat` "
+          f"does: {f['decoding']})")
+    print(f"  greedy             {b['end_of_turn_share_greedy']:.0%} -> {f['end_of_turn_share_greedy']:.0%}")
     print(f"GSM8K exact match    {g['exact_match']:.1%} +- {g['se']:.1%} on {g['n']} held-out train problems")
     for r in f["replies"][:3]:
         print(f"  Q: {r['prompt'][:100]!r}\n  A: {r['reply'][:200]!r} (ended: {r['ended_with_end_of_turn']})")

@@ -87,7 +87,9 @@ def test_full_sft_writes_evidence(base_run, tmp_path):
     assert b["general_val_loss"] is not None and a["general_val_loss"] is not None  # forgetting is measured
     # Replies to held-out prompts: the base never stops, the fine-tuned model does.
     assert a["prompts"] == 10 and len(a["replies"]) == 10
-    assert b["end_of_turn_share"] == 0.0 and a["end_of_turn_share"] >= 0.8
+    assert b["end_of_turn_share"] == 0.0 and a["end_of_turn_share"] >= 0.8  # sampled as `chat` does (seeded)
+    assert b["end_of_turn_share_greedy"] == 0.0 and a["end_of_turn_share_greedy"] >= 0.8
+    assert a["decoding"]["temperature"] == cfg.generate.temperature
     assert all(r["tokens"] <= 16 and isinstance(r["reply"], str) for r in a["replies"])
     assert ev["data"]["train"]["examples"] > 200 and ev["lora"] is None
     # Later stages read the fine-tuned checkpoint unchanged.

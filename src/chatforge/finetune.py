@@ -180,23 +180,38 @@ def held_out_prompts(sft_val: Path, n: int = EVAL_PROMPTS) -> list[list[dict]]:
     return [out[i * len(out) // n] for i in range(n)] if len(out) > n else out
 
 
-def reply_check(model, tok, prompts: list[list[dict]], max_new_tokens: int, device="cpu") -> dict:
-    """Greedy replies; the share that end with <|end|> within max_new_tokens (and the context)."""
+def reply_check(model, tok, prompts: list[list[dict]], gen, device="cpu") -> dict:
+    """Replies to held-out prompts, and the share that end with <|end|> within gen.max_new_tokens (and the
+    context), twice: decoded as `chatforge chat` does with the run's generate settings (prompt i seeded with
+    gen.seed + i), and greedily (tiny models tend to loop under greedy decoding, and never stop)."""
     from .engine import Engine
 
     engine = Engine(model, tok, device=str(device))
     replies, skipped = [], 0
-    for msgs in prompts:
+    stop = (tok.end_id, tok.eos_id)
+    for i, msgs in enumerate(prompts):
         ids = tok.render_chat(msgs, add_generation_prompt=True)[0]
-        limit = min(max_new_tokens, model.cfg.seq_len - len(ids))
+        limit = min(gen.max_new_tokens, model.cfg.seq_len - len(ids))
         if limit < 1:  # the prompt alone fills the context
             skipped += 1
             continue
-        gen = engine.generate(ids, max_new_tokens=limit, temperature=0.0, stop_ids=(tok.end_id, tok.eos_id))[0]
-        replies.append({"prompt": msgs[-1]["content"], "reply": tok.decode(gen),
-                        "ended_with_end_of_turn": bool(gen) and gen[-1] == tok.end_id, "tokens": len(gen)})
-    share = sum(r["ended_with_end_of_turn"] for r in replies) / len(replies) if replies else None
-    return {"end_of_turn_share": share, "prompts": len(replies), "prompts_too_long": skipped, "replies": replies}
+        sampled = engine.generate(ids, max_new_tokens=limit, temperature=gen.temperature, top_k=gen.top_k,
+                                  top_p=gen.top_p, repetition_penalty=gen.repetition_penalty, seed=gen.seed + i,
+                                  stop_ids=stop)[0]
+        greedy = engine.generate(ids, max_new_tokens=limit, temperature=0.0, stop_ids=stop)[0]
+        replies.append({"prompt": msgs[-1]["content"], "reply": tok.decode(sampled),
+                        "ended_with_end_of_turn": bool(sampled) and sampled[-1] == tok.end_id,
+                        "tokens": len(sampled), "reply_greedy": tok.decode(greedy),
+                        "greedy_ended_with_end_of_turn": bool(greedy) and greedy[-1] == tok.end_id})
+
+    def share(key: str) -> float | None:
+        return sum(r[key] for r in replies) / len(replies) if replies else None
+
+    return {"end_of_turn_share": share("ended_with_end_of_turn"),
+            "end_of_turn_share_greedy": share("greedy_ended_with_end_of_turn"),
+            "decoding": {"temperature": gen.temperature, "top_k": gen.top_k, "top_p": gen.top_p,
+                         "repetition_penalty": gen.repetition_penalty, "seed": gen.seed},
+            "prompts": len(replies), "prompts_too_long": skipped, "replies": replies}
 
 
 def measure(model, device, *, domain: Callable[[], Iterable[dict]] | None,
@@ -214,8 +229,9 @@ def _print_evidence(ev: dict) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     rows = [{"metric": k, "before": fmt(ev["before"][k]), "after": fmt(ev["after"][k])}
             for k in ("domain_val_loss", "general_val_loss", "chat_val_loss")]
-    rows.append({"metric": "end-of-turn share", "before": fmt(ev["before"].get("end_of_turn_share")),
-                 "after": fmt(ev["after"].get("end_of_turn_share"))})
+    for key, label in (("end_of_turn_share", "end-of-turn share (generate settings)"),
+                       ("end_of_turn_share_greedy", "end-of-turn share (greedy)")):
+        rows.append({"metric": label, "before": fmt(ev["before"].get(key)), "after": fmt(ev["after"].get(key))})
     print_table(rows, ["metric", "before", "after"], title=f"finetune ({ev['mode']}) evidence")
 
 
@@ -333,7 +349,7 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
     def evidence(m) -> dict:
         out = measure(m, device, domain=domain_eval, general=general_eval, chat=chat_eval)
         if prompts:
-            out.update(reply_check(m, tok, prompts, max_new, device))
+            out.update(reply_check(m, tok, prompts, cfg.generate, device))
         return out
 
     if dist.is_main:

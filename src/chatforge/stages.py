@@ -477,7 +477,9 @@ def report(cfg: Config, paths: RunPaths, evals: list[dict] | None = None, answer
         b, a = e.get("before", {}), e.get("after", {})
         notes.append(f"fine-tuning ({e.get('mode')}{', LoRA' if e.get('lora') else ''}): replies to "
                      f"{a.get('prompts')} held-out prompts that end with end-of-turn within {e.get('max_new_tokens')} "
-                     f"tokens: {b.get('end_of_turn_share', 0):.0%} before, {a.get('end_of_turn_share', 0):.0%} after")
+                     f"tokens: {b.get('end_of_turn_share', 0):.0%} before, {a.get('end_of_turn_share', 0):.0%} after "
+                     f"(sampled with the generate settings; greedy: {b.get('end_of_turn_share_greedy') or 0:.0%} before, "
+                     f"{a.get('end_of_turn_share_greedy') or 0:.0%} after)")
     samples = []
     for stage, mpath in curves.items():  # the fixed-prompt samples of each stage's last evaluation
         recs = [json.loads(l) for l in mpath.read_text().splitlines() if '"sample"' in l]

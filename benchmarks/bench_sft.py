@@ -3,7 +3,7 @@ LIMA + GSM8K (the `sft-alpaca` preset), and print the evidence: chat val loss be
 (TinyStories val) loss before/after, the share of held-out replies that end with <|end|>, and GSM8K exact
 match on GSM8K problems held out by the SFT split (not the official test set; shared/data/heldout is never read).
 
-    .venv/bin/python benchmarks/bench_sft.py [--pretrain-steps 800] [--finetune-steps 1500] [--lora-rank 0]
+    .venv/bin/python benchmarks/bench_sft.py [--pretrain-steps 800] [--finetune-steps 3000] [--lora-rank 0]
                                              [--gsm8k-items 50] [--run-dir DIR] [--threads 2]
 
 Stages run through the same functions as the CLI, in a temporary run directory unless --run-dir is given
@@ -41,7 +41,7 @@ def gsm8k_val_items(sft_val: Path, gsm_path: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pretrain-steps", type=int, default=800)
-    ap.add_argument("--finetune-steps", type=int, default=1500)
+    ap.add_argument("--finetune-steps", type=int, default=3000)
     ap.add_argument("--lora-rank", type=int, default=0)
     ap.add_argument("--gsm8k-items", type=int, default=50)
     ap.add_argument("--run-dir", default=None)

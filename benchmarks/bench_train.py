@@ -6,6 +6,8 @@ the variants run paired: each round times a few steps of every variant back to b
 and the reported ratio is the median over rounds of (variant steps/s) / (HF eager steps/s).
 
     .venv/bin/python benchmarks/bench_train.py [--rounds 7] [--steps 2] [--threads 2] [--no-compile] [--hf-compile]
+It also profiles one eager step of each and prints the share of time spent in matrix multiplies and attention
+kernels: both models run the same ones, so 1 / (HF's share) bounds what any rewrite of the rest could gain.
 """
 from __future__ import annotations
 
@@ -42,6 +44,21 @@ def make_step(model, logits_of, x, y, vocab: int):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+           "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def kernel_share(step) -> float:
+    """Fraction of one step's CPU time spent in matmul and attention kernels (self time, torch.profiler)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        step()
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev)
+    return sum(e.self_cpu_time_total for e in ev if e.key in KERNELS) / total
 
 
 def main() -> None:
@@ -112,6 +129,10 @@ def main() -> None:
         print(f"{name:20s}: {sps:6.3f} steps/s ({sps * tok:8,.0f} tok/s)  vs HF eager: median "
               f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f})  "
               f"warm-up {warm[name]:.1f}s")
+    share = {name: kernel_share(variants[name]) for name in ("HF eager", "chatforge eager")}
+    print(f"time in matmul + attention kernels (profiled step): HF eager {share['HF eager']:.0%}, chatforge eager "
+          f"{share['chatforge eager']:.0%}; a model that ran only those kernels would be at most "
+          f"{1 / share['HF eager']:.2f}x HF eager")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from chatforge.errors import UserError
 from chatforge.model import GPT
 from chatforge.optim import build_optimizer, lr_lambda
 from chatforge.distributed import DistInfo
-from chatforge.train import resolve_grad_accum, train
+from chatforge.train import _best_seen_cpu_peak, resolve_grad_accum, train
 
 # One thread: on a shared 2-core machine a second OpenMP thread mostly waits for a time slice.
 torch.set_num_threads(1)
@@ -56,7 +56,7 @@ def test_loss_falls_below_unigram_entropy(tmp_path):
     train_recs = [r for r in recs if r["kind"] == "train"]
     assert [r["step"] for r in train_recs] == list(range(10, 81, 10))
     assert set(train_recs[0]) == {"kind", "step", "loss", "lr", "tokens", "tok_per_s", "mfu", "time"}
-    assert train_recs[-1]["tokens"] == 80 * 16 * 32 and train_recs[0]["mfu"] > 0
+    assert train_recs[-1]["tokens"] == 80 * 16 * 32 and all(0 < r["mfu"] <= 1 for r in train_recs)
     assert [r["step"] for r in recs if r["kind"] == "val"] == [40, 80]
     assert res["best_val_loss"] == min(r["val_loss"] for r in recs if r["kind"] == "val")
     assert (tmp_path / "ckpt" / "best.json").exists()
@@ -306,3 +306,13 @@ def test_optional_trackers_skip_cleanly_or_log(tmp_path):
     assert (tmp_path / "tensorboard").is_dir() == has_tb
     assert any("tensorboard package is not installed" in m for m in logs) != has_tb
     assert any("wandb is not installed" in m for m in logs) == (importlib.util.find_spec("wandb") is None)
+
+
+def test_cpu_peak_keeps_the_best_rate_seen_here(tmp_path, monkeypatch):
+    # A run started on a busy machine measures a low peak; the best one measured before is used instead.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _best_seen_cpu_peak(100e9) == 100e9
+    assert _best_seen_cpu_peak(40e9) == 100e9
+    assert _best_seen_cpu_peak(120e9) == 120e9
+    (tmp_path / "chatforge" / "cpu_peak.json").write_text("not json")
+    assert _best_seen_cpu_peak(50e9) == 50e9  # a damaged cache file is replaced, never an error

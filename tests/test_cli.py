@@ -63,6 +63,11 @@ def test_stage_before_its_inputs(tmp_path):
     assert_user_error(r)
 
 
+def test_serve_max_batch_must_be_positive(tmp_path):
+    r = cli("serve", "--config", "tiny", "--run-dir", str(tmp_path / "run"), "--max-batch", "0")
+    assert_user_error(r, "--max-batch")
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     run = tmp_path / "run"
     (run / "data").mkdir(parents=True)

@@ -121,8 +121,8 @@ class Engine:
         """Per layer: (input norm, fused q/k/v, q/k norm or None, o, post norm, fused gate/up, down) weights.
 
         Projections are copies laid out for `self._lin`: on CPU transposed to (in, out), because a
-        vector-matrix product reads that layout about 1.2x (small) to 1.8x (a 32k vocabulary) faster than
-        F.linear's (out, in); elsewhere F.linear's own layout. q/k/v and gate/up are concatenated. On CPU
+        vector-matrix product reads that layout faster than F.linear's (out, in): about 1.2x for small
+        matrices, 1.85x for a 32k-vocabulary head (benchmarks/bench_matvec.py); elsewhere F.linear's layout. q/k/v and gate/up are concatenated. On CPU
         (fp32) each RMSNorm's weight is also folded into the projection after it (norm(x) @ W == (x * r) @
         (w * W), r = rsqrt(mean(x^2) + eps)), and its entry is None: the norm is then four cheap operations.
         The copies are made on first use and again whenever a parameter has changed since (an Engine kept

@@ -12,6 +12,8 @@ import dataclasses
 import functools
 import json
 import math
+import os
+import platform
 import random
 import signal
 import sys
@@ -72,9 +74,6 @@ def cpu_peak_flops() -> float:
 
 
 def _best_seen_cpu_peak(measured: float) -> float:
-    import os
-    import platform
-
     path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "chatforge" / "cpu_peak.json"
     key = f"{platform.machine()} {platform.processor() or platform.node()} threads={torch.get_num_threads()}"
     try:

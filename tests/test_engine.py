@@ -201,15 +201,20 @@ def test_fast_decode_path_matches_plain_forward(tok, kw):
     eng = Engine(model, tok)
     prompts = [[tok.bos_id] + tok.encode("Once upon"), [tok.bos_id]]
     assert eng.generate(prompts, 25, temperature=0) == eng.generate(prompts, 25, temperature=0, use_cache=False)
-    # And the logits themselves agree closely, step by step.
+    for p in prompts:  # a single row decodes with Engine._decode_one
+        assert eng.generate(p, 25, temperature=0) == eng.generate(p, 25, temperature=0, use_cache=False)
+    # And the logits themselves agree closely, step by step, over a few steps (the cache fills).
     ids = torch.tensor([prompts[0]])
-    cache = eng.new_cache(1, 64)
     with torch.inference_mode():
-        eng._forward(ids, torch.arange(ids.shape[1])[None], None, cache)
-        nxt = torch.tensor([[11]])
-        fast = eng._decode_step(nxt, torch.tensor([[ids.shape[1]]]), None, cache)
-        full = model(torch.cat([ids, nxt], 1))[:, -1]
-    assert torch.allclose(fast, full, atol=1e-5)
+        for step in (eng._decode_step, eng._decode_one):
+            cache = eng.new_cache(1, 64)
+            eng._forward(ids, torch.arange(ids.shape[1])[None], None, cache)
+            seq = ids
+            for nxt in (11, 5, 23):
+                seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
+                fast = step(seq[:, -1:], torch.tensor([[seq.shape[1] - 1]]), None, cache)
+                full = model(seq)[:, -1]
+                assert torch.allclose(fast, full, atol=1e-5), step.__name__
 
 
 def test_stream_resumed_on_other_threads(engine, tok):

@@ -10,15 +10,18 @@ weights), not arithmetic: `_decode_step` is a lean re-statement of a block for a
 and gate/up projections fused into one matmul each; on CPU, weights transposed for vector-matrix products,
 RMSNorm weights folded into the next projection and residual adds fused into addmm; RoPE on the q and k
 heads at once with a roll instead of rotate-half's slice/negate/concatenate, in-place elementwise work, the
-new key and value stored with one copy into a joint K/V buffer (FusedKVCache), no module-call machinery. It
-must stay the same function as model.Block up to float rounding; tests compare it with the plain forward and
-with transformers (same greedy tokens).
+new key and value stored with one copy into a joint K/V buffer (FusedKVCache), no module-call machinery.
+`_decode_one` goes further for the common single-row CPU case (chat, `generate`): norm scales as addmm's
+alpha, attention as two bmm, preallocated buffers. Both must stay the same function as model.Block up to
+float rounding; tests compare them with the plain forward and with transformers (same greedy tokens).
 torch.compile of this step was measured and not adopted: on CPU it cost ~35 s of compilation for ~10%.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -221,6 +224,44 @@ class Engine:
         cache.pos += 1
         return lin(self._norm(x, self._final_norm), self._head)
 
+    def _decode_one(self, tok: torch.Tensor, pos: torch.Tensor, mask: None, cache: "FusedKVCache") -> torch.Tensor:
+        """_decode_step for a single row on CPU (fp32, the folded (in, out) weights, an int cache.pos).
+
+        One row lets each RMSNorm's scale be a Python number: one reduction, then addmm's alpha applies it
+        inside the projection (norm(x) @ W' == r * (x @ W')). Attention is two bmm over the cache's (KV heads,
+        group, D) layout, and the projections write into buffers made once per cache: about half the
+        operations of _decode_step, whose time at this size is mostly per-operation overhead.
+        """
+        c = self.model.cfg
+        H, KV, D, E, eps = c.n_head, c.n_kv_head, c.head_dim, c.n_embd, c.norm_eps
+        work = cache.one_row(H, self._layers[0][6].shape[0])
+        p, at = int(pos), cache.pos
+        width = at + 1
+        cos = self.model.rope_cos[p]
+        sin = self._sin_signed[p]
+
+        def scale(x: torch.Tensor) -> float:  # RMSNorm's 1 / rms(x), its weight folded into the next matmul
+            n = float(torch.linalg.vector_norm(x))
+            return 1.0 / math.sqrt(n * n / E + eps)
+
+        x = self.model.embed_tokens.weight.index_select(0, tok.view(1))  # (1, E), a new tensor: updated in place
+        for (_, w_qkv, w_qkn, w_o, _, w_gu, w_down), kT, v, buf in zip(self._layers, *work.layer_views):
+            torch.addmm(work.qkv, x, w_qkv, beta=0, alpha=scale(x), out=work.qkv)
+            qk = work.qk  # (H + KV, D): the q heads, then the k heads
+            if w_qkn is not None:
+                qk.copy_(F.rms_norm(qk, (D,), eps=eps) * w_qkn)
+            rot = torch.roll(qk, D // 2, -1)
+            qk.mul_(cos).addcmul_(rot, sin)
+            buf.select(1, at).copy_(work.kv_new)  # the roped key heads and the value heads, into column `at`
+            s = torch.baddbmm(work.zero, work.q, kT.narrow(2, 0, width), beta=0, alpha=D ** -0.5)
+            torch.bmm(s.softmax(-1), v.narrow(1, 0, width), out=work.y)
+            x.addmm_(work.y_flat, w_o)
+            torch.addmm(work.gu, x, w_gu, beta=0, alpha=scale(x), out=work.gu)
+            torch.ops.aten.silu_(work.g).mul_(work.u)
+            x.addmm_(work.g, w_down)
+        cache.pos += 1
+        return torch.addmm(work.zero2, x, self._head, beta=0, alpha=scale(x))
+
     def _forward(self, idx: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
                  cache: "FusedKVCache | None") -> torch.Tensor:
         """Logits of the last position. idx, pos (B, T); mask (B, 1, T, S) bool or None (plain causal)."""
@@ -276,6 +317,8 @@ class Engine:
             seq = torch.empty(B, total, dtype=ids.dtype, device=dev)  # prompt, then each sampled token
             seq[:, :L] = ids
         step_fn = self._decode_step if fast else self._forward
+        if fast and B == 1 and self._lin is torch.mm:
+            step_fn = self._decode_one
         for step in range(max_new_tokens):
             t = L + step  # tokens in seq so far
             with torch.inference_mode():
@@ -456,6 +499,7 @@ class FusedKVCache:
         self.pos = 0  # next column to write: an int for all rows, or a (B,) tensor (then `width` is set)
         self.width = 0
         self._views: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._one: _OneRow | None = None
 
     def kv_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per layer, the key part and the value part of its buffer (views, made once)."""
@@ -469,11 +513,38 @@ class FusedKVCache:
         view = FusedKVCache.__new__(FusedKVCache)
         view.kv = [b[start:stop] for b in self.kv]
         view.n_kv_head, view.max_len, view.pos, view.width = self.n_kv_head, self.max_len, pos, width
-        view._views = None
+        view._views = view._one = None
         return view
+
+    def one_row(self, n_head: int, hidden: int) -> "_OneRow":
+        """The buffers and cache views Engine._decode_one works with (batch 1), made on first use."""
+        if self._one is None:
+            self._one = _OneRow(self, n_head, hidden)
+        return self._one
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         buf, n, end = self.kv[layer], self.n_kv_head, self.pos + k.shape[2]
         buf[:, :n, self.pos:end] = k
         buf[:, n:, self.pos:end] = v
         return buf[:, :n, :end], buf[:, n:, :end]
+
+
+class _OneRow:
+    """Engine._decode_one's buffers, views into them, and per layer the cache as (KV, D, S) keys and (KV, S, D)
+    values, and the whole (2 KV, S, D) buffer, whose column `at` takes the new key and value heads."""
+
+    def __init__(self, cache: FusedKVCache, H: int, hidden: int):
+        KV, D = cache.n_kv_head, cache.kv[0].shape[-1]
+        dev, dt = cache.kv[0].device, cache.kv[0].dtype
+        self.qkv = torch.empty(1, (H + 2 * KV) * D, device=dev, dtype=dt)
+        rows = self.qkv.view(H + 2 * KV, D)
+        self.qk, self.kv_new = rows[:H + KV], rows[H:]
+        self.q = rows[:H].view(KV, H // KV, D)  # q head h reads kv head h // (H / KV), as repeat_interleave
+        self.y = torch.empty(KV, H // KV, D, device=dev, dtype=dt)
+        self.y_flat = self.y.view(1, H * D)
+        self.gu = torch.empty(1, 2 * hidden, device=dev, dtype=dt)
+        self.g, self.u = self.gu[:, :hidden], self.gu[:, hidden:]
+        self.zero = torch.zeros(1, 1, 1, device=dev, dtype=dt)  # baddbmm/addmm's ignored input (beta=0)
+        self.zero2 = self.zero.view(1, 1)
+        bufs = [b[0] for b in cache.kv]  # (2 KV, S, D)
+        self.layer_views = [b[:KV].transpose(1, 2) for b in bufs], [b[KV:] for b in bufs], bufs

@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=0, help="key/value heads (grouped-query attention); 0: --heads")
     ap.add_argument("--new-tokens", type=int, default=200)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=7, help="paired rounds (ours, theirs alternating)")
@@ -69,7 +70,8 @@ def main() -> None:
     texts = [inspect.getsource(m) for m in (json, argparse, inspect)]
     tok = Tokenizer.train(texts, TokenizerConfig(vocab_size=2048, min_frequency=2))
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=args.layers, n_head=args.heads, n_kv_head=args.heads, n_embd=args.width,
+    cfg = ModelConfig(n_layer=args.layers, n_head=args.heads, n_kv_head=args.kv_heads or args.heads,
+                      n_embd=args.width,
                       seq_len=args.seq_len, vocab_size=tok.vocab_size, init_std=0.1)
     model = GPT(cfg).eval()
     prompt = [tok.bos_id] + tok.encode("def main() -> None:\n    parser = argparse.")
@@ -78,6 +80,7 @@ def main() -> None:
         tok.save(Path(d) / "tok")
         export_hf(model, Path(d) / "tok", Path(d) / "hf")
         hf = transformers.AutoModelForCausalLM.from_pretrained(Path(d) / "hf", dtype=torch.float32).to(device).eval()
+    hf.generation_config.eos_token_id = None  # else its unset fields fall back to these: stops at a random <|end|>
     engine = Engine(model, tok, device=device)
     gcfg = transformers.GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None,
                                          pad_token_id=tok.pad_id, bos_token_id=tok.bos_id)
@@ -96,7 +99,8 @@ def main() -> None:
     n = args.new_tokens
     med = statistics.median
     ratios = sorted(h / o for o, h in zip(t_ours, t_hf))
-    print(f"model: {args.layers} layers, width {args.width}, {model.num_params() / 1e6:.2f}M params, "
+    print(f"model: {args.layers} layers, width {args.width}, {cfg.n_head}/{cfg.n_kv_head} q/kv heads, "
+          f"{model.num_params() / 1e6:.2f}M params, "
           f"device {device}, {torch.get_num_threads()} CPU threads (both), {n} new tokens, batch 1, greedy")
     print(f"chatforge Engine:        {n / med(t_ours):8.1f} tokens/s ({med(t_ours) * 1000 / n:.2f} ms/token, median)")
     print(f"transformers generate(): {n / med(t_hf):8.1f} tokens/s ({med(t_hf) * 1000 / n:.2f} ms/token, median)")

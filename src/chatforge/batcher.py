@@ -54,6 +54,7 @@ class Batcher:
         w = engine.model.embed_tokens.weight
         self.cache = FusedKVCache(c.n_layer, self.max_batch, c.n_kv_head, c.seq_len, c.head_dim,
                                   device=w.device, dtype=w.dtype)
+        self._row0 = self.cache.rows(0, 1)  # a lone row decodes through Engine._decode_one (CPU) with this view
         self.rows: list[_Row] = []
         self.lens: list[int] = []  # tokens in the cache, per row
         self.waiting: queue.Queue[_Row] = queue.Queue()
@@ -139,7 +140,10 @@ class Batcher:
         last = torch.tensor([[r.ids[-1]] for r in self.rows], device=dev)
         lens = torch.tensor(self.lens, device=dev)
         pos = lens.unsqueeze(1)  # the new token's position is the row's length so far
-        if self.fast:
+        if self.fast and n == 1 and self.engine._lin is torch.mm:  # one row on CPU: the leaner step
+            self._row0.pos = self.lens[0]
+            logits = self.engine._decode_one(last, pos, None, self._row0)
+        elif self.fast:
             width = max(self.lens) + 1
             mask = (torch.arange(width, device=dev).unsqueeze(0) <= pos)[:, None, None, :]  # (n, 1, 1, width)
             logits = self.engine._decode_step(last, pos, mask, self.cache.rows(0, n, lens.clone(), width))

@@ -250,8 +250,8 @@ class Engine:
             qk = work.qk  # (H + KV, D): the q heads, then the k heads
             if w_qkn is not None:
                 qk.copy_(F.rms_norm(qk, (D,), eps=eps) * w_qkn)
-            rot = torch.roll(qk, D // 2, -1)
-            qk.mul_(cos).addcmul_(rot, sin)
+            torch.index_select(work.qk_halves, 1, work.swap, out=work.rot_halves)  # roll by D/2, no allocation
+            qk.mul_(cos).addcmul_(work.rot, sin)
             buf.select(1, at).copy_(work.kv_new)  # the roped key heads and the value heads, into column `at`
             s = torch.baddbmm(work.zero, work.q, kT.narrow(2, 0, width), beta=0, alpha=D ** -0.5)
             torch.bmm(s.softmax(-1), v.narrow(1, 0, width), out=work.y)
@@ -539,6 +539,9 @@ class _OneRow:
         self.qkv = torch.empty(1, (H + 2 * KV) * D, device=dev, dtype=dt)
         rows = self.qkv.view(H + 2 * KV, D)
         self.qk, self.kv_new = rows[:H + KV], rows[H:]
+        self.rot = torch.empty(H + KV, D, device=dev, dtype=dt)  # qk with its halves swapped, for RoPE
+        self.qk_halves, self.rot_halves = self.qk.view(H + KV, 2, D // 2), self.rot.view(H + KV, 2, D // 2)
+        self.swap = torch.tensor([1, 0], device=dev)
         self.q = rows[:H].view(KV, H // KV, D)  # q head h reads kv head h // (H / KV), as repeat_interleave
         self.y = torch.empty(KV, H // KV, D, device=dev, dtype=dt)
         self.y_flat = self.y.view(1, H * D)

@@ -22,13 +22,11 @@ import torch
 
 
 def run_server(args, port: int, max_batch: int) -> None:
-    """Child process: build the engine and serve it until killed."""
-    import uvicorn
-
+    """Child process: build the engine and serve it (as `chatforge serve` does) until killed."""
     from chatforge.config import ModelConfig, TokenizerConfig
     from chatforge.engine import Engine
     from chatforge.model import GPT
-    from chatforge.serve import create_app
+    from chatforge.serve import serve
     from chatforge.tokenizer import Tokenizer
 
     if args.threads > 0:
@@ -41,7 +39,7 @@ def run_server(args, port: int, max_batch: int) -> None:
         torch.manual_seed(0)
         cfg = ModelConfig(n_layer=4, n_embd=256, seq_len=512, vocab_size=tok.vocab_size, init_std=0.1)
         engine = Engine(GPT(cfg), tok, device=args.device)
-    uvicorn.run(create_app(engine, "bench", max_batch=max_batch), host="127.0.0.1", port=port, log_level="warning")
+    serve(engine, port=port, model_name="bench", max_batch=max_batch, log_level="warning")
 
 
 def start_server(args, max_batch: int) -> tuple[str, multiprocessing.Process]:

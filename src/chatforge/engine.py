@@ -422,15 +422,15 @@ class Engine:
     def chat_stream(self, messages: list[dict], max_new_tokens: int = 256, **sampling) -> TextStream:
         msgs = self.fit_messages(messages, max_new_tokens)
         ids, _ = self.tok.render_chat(msgs, add_generation_prompt=True)
-        stop_ids = set(sampling.pop("stop_ids", ())) | {self.tok.end_id, self.tok.eos_id}
+        stop_ids = set(sampling.pop("stop_ids", ())) | set(self.tok.stop_ids)
         return self.stream(ids, max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids), **sampling)
 
     def chat(self, messages: list[dict], max_new_tokens: int = 256, **sampling) -> str:
         return "".join(self.chat_stream(messages, max_new_tokens=max_new_tokens, **sampling))
 
     def complete_prompt(self, text: str) -> list[int]:
-        """Ids of a plain-text prompt for a pretrained model: documents start with <|bos|>."""
-        return [self.tok.bos_id] + self.tok.encode(text)
+        """Ids of a plain-text prompt, as documents looked in training (chatforge's start with <|bos|>)."""
+        return self.tok.with_bos(self.tok.encode(text))
 
 
 class StopText:

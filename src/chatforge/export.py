@@ -16,14 +16,16 @@ from safetensors.torch import load_file, save_file
 from .config import ModelConfig
 from .errors import UserError
 from .model import GPT, rope_tables
-from .tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
+from .tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer
 
 BOS_ID, EOS_ID, PAD_ID, END_ID = (SPECIAL_TOKENS.index(t) for t in ("<|bos|>", "<|eos|>", "<|pad|>", "<|end|>"))
 SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
+def hf_config(cfg: ModelConfig, dtype: str = "float32", tok: Tokenizer | None = None) -> dict:
+    """transformers' config.json; token ids from `tok` (default: chatforge's own specials)."""
+    bos, eos, pad = (tok.bos_id, list(tok.stop_ids), tok.pad_id) if tok is not None else (BOS_ID, [END_ID, EOS_ID], PAD_ID)
     arch = "Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"
     c = {
         "architectures": [arch],
@@ -45,9 +47,9 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
         "attention_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": [END_ID, EOS_ID],
-        "pad_token_id": PAD_ID,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
         "initializer_range": cfg.init_std,
         "use_cache": True,
         "torch_dtype": dtype,
@@ -70,6 +72,7 @@ def export_hf(model: GPT, tok_dir: Path, out_dir: Path, meta: dict | None = None
         raise UserError(f"no tokenizer.json in {tok_dir}: run `chatforge tokenizer` first")
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
+    tok = Tokenizer.load(tok_dir)
 
     tensors = {}
     for name, p in model.state_dict().items():
@@ -79,8 +82,9 @@ def export_hf(model: GPT, tok_dir: Path, out_dir: Path, meta: dict | None = None
         tensors[hf_name] = p.detach().to("cpu", DTYPES[dtype]).contiguous().clone()
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
 
-    (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2) + "\n")
-    gen = {"bos_token_id": BOS_ID, "eos_token_id": [END_ID, EOS_ID], "pad_token_id": PAD_ID,
+    hfc = hf_config(cfg, dtype, tok)
+    (out_dir / "config.json").write_text(json.dumps(hfc, indent=2) + "\n")
+    gen = {"bos_token_id": hfc["bos_token_id"], "eos_token_id": hfc["eos_token_id"], "pad_token_id": hfc["pad_token_id"],
            "do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
@@ -88,18 +92,20 @@ def export_hf(model: GPT, tok_dir: Path, out_dir: Path, meta: dict | None = None
     tcfg_path = tok_dir / "tokenizer_config.json"
     tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.is_file() else {}
     tcfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-    tcfg.setdefault("bos_token", "<|bos|>")
-    tcfg.setdefault("eos_token", "<|eos|>")
-    tcfg.setdefault("pad_token", "<|pad|>")
-    tcfg.setdefault("chat_template", CHAT_TEMPLATE)
+    if tok.native:
+        tcfg.setdefault("bos_token", "<|bos|>")
+        tcfg.setdefault("eos_token", "<|eos|>")
+        tcfg.setdefault("pad_token", "<|pad|>")
+        tcfg.setdefault("chat_template", CHAT_TEMPLATE)
     tcfg.setdefault("model_max_length", cfg.seq_len)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n")
 
-    arch = hf_config(cfg)["architectures"][0]
+    arch = hfc["architectures"][0]
+    fmt = ("`<|bos|><|user|>...<|end|><|assistant|>`" if tok.native else "the model's own") + \
+        f" (the tokenizer's chat_template); replies end with `{tok.id_to_token(tok.end_id)}`."
     lines = [f"# chatforge model ({arch})", "",
              f"{model.num_params():,} parameters, {cfg.n_layer} layers, width {cfg.n_embd}, "
-             f"context {cfg.seq_len} tokens. Chat format: `<|bos|><|user|>...<|end|><|assistant|>` "
-             "(the tokenizer's chat_template); replies end with `<|end|>`."]
+             f"context {cfg.seq_len} tokens. Chat format: {fmt}"]
     if meta:
         lines += ["", "Training metadata:", "", "```json", json.dumps(meta, indent=2, default=str), "```"]
     (out_dir / "README.md").write_text("\n".join(lines) + "\n")

@@ -58,27 +58,13 @@ def _hub_download(name: str) -> Path:
 
 
 def load_hf_start(hf_dir: Path, paths: RunPaths):
-    """A local HF Llama/Qwen3 folder -> (GPT, Tokenizer). Its tokenizer must carry our chat tokens at ids 0..6,
-    and becomes the run's tokenizer (later stages read paths.tokenizer) unless the run already has another."""
-    from tokenizers import Tokenizer as HFTokenizer
+    """A local HF Llama/Qwen3 folder -> (GPT, Tokenizer). Its tokenizer (chatforge's format, or the model's own
+    with its chat template) becomes the run's tokenizer (later stages read paths.tokenizer) unless the run
+    already has another."""
+    from .hub import read_hf
+    from .tokenizer import Tokenizer
 
-    from .export import import_hf
-    from .tokenizer import SPECIAL_TOKENS, Tokenizer
-
-    hf_dir = Path(hf_dir)
-    tj = hf_dir / "tokenizer.json"
-    if not tj.is_file():
-        raise UserError(f"{hf_dir}: no tokenizer.json; a Hugging Face starting point needs its tokenizer")
-    hf = HFTokenizer.from_file(str(tj))
-    for i, t in enumerate(SPECIAL_TOKENS):
-        if hf.token_to_id(t) != i:
-            raise UserError(f"{tj}: {t} is at id {hf.token_to_id(t)}, not {i}: chatforge fine-tunes models whose "
-                            f"tokenizer carries its chat tokens {' '.join(SPECIAL_TOKENS)} at ids 0-6 (chatforge "
-                            f"exports do); other tokenizers and chat templates are not supported")
-    tok = Tokenizer.load(hf_dir)
-    model, mcfg = import_hf(hf_dir)
-    if tok.vocab_size > mcfg.vocab_size:
-        raise UserError(f"{hf_dir}: tokenizer has {tok.vocab_size} tokens but the model only {mcfg.vocab_size}")
+    model, tok, _ = read_hf(Path(hf_dir))
     if (paths.tokenizer / "tokenizer.json").is_file():
         run_tok = Tokenizer.load(paths.tokenizer)
         if run_tok.hash != tok.hash:
@@ -95,8 +81,10 @@ def load_start(cfg: Config, paths: RunPaths, init: str | None):
     from .tokenizer import Tokenizer
 
     spec = init or cfg.finetune.init_from
-    if not spec:
-        src = resolve_checkpoint(paths.pretrain / "ckpt", "best")
+    if not spec:  # the run's own model: pretrained here, else imported
+        root = paths.pretrain if list_checkpoints(paths.pretrain / "ckpt") or not paths.imported.exists() \
+            else paths.imported
+        src = resolve_checkpoint(root / "ckpt", "best")
     else:
         src = Path(spec)
         if not src.exists():
@@ -188,7 +176,7 @@ def reply_check(model, tok, prompts: list[list[dict]], gen, device="cpu") -> dic
 
     engine = Engine(model, tok, device=str(device))
     replies, skipped = [], 0
-    stop = (tok.end_id, tok.eos_id)
+    stop = tok.stop_ids
     for i, msgs in enumerate(prompts):
         ids = tok.render_chat(msgs, add_generation_prompt=True)[0]
         limit = min(gen.max_new_tokens, model.cfg.seq_len - len(ids))
@@ -296,6 +284,8 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
     model, tok, init_dir, origin = load_start(cfg, paths, init)
     # A chatforge model trains at its own context; an imported one at most at the run's (HF contexts are long).
     seq_len = model.cfg.seq_len if origin == "chatforge" else min(model.cfg.seq_len, cfg.model.seq_len)
+    if fcfg.seq_len:  # a shorter training context (an imported model's own is long; its RoPE tables cover it)
+        seq_len = min(seq_len, fcfg.seq_len)
     bs, ebs = cfg.finetune.batch_size, cfg.eval.batch_size
     data_info: dict = {}
 

@@ -30,6 +30,10 @@ class RunPaths:
         return self.root / "pretrain"
 
     @property
+    def imported(self) -> Path:  # `chatforge import`: ckpt/step_000000/ (a pre-trained model), source.json
+        return self.root / "import"
+
+    @property
     def finetune(self) -> Path:
         return self.root / "finetune"
 

@@ -223,10 +223,10 @@ def sampler(tok, cfg: Config, chat: bool):
             ids = [tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0] for q in prompts]
         else:
             prompts = SAMPLE_PROMPTS
-            ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+            ids = [tok.with_bos(tok.encode(p)) for p in prompts]
         outs = eng.generate(ids, max_new_tokens=min(48, cfg.generate.max_new_tokens),
                             temperature=cfg.generate.temperature, top_k=cfg.generate.top_k,
-                            seed=cfg.generate.seed, stop_ids=[tok.eos_id, tok.end_id])
+                            seed=cfg.generate.seed, stop_ids=tok.stop_ids)
         return [{"prompt": p, "text": (p if not chat else "") + tok.decode(o)} for p, o in zip(prompts, outs)]
     return on_eval
 
@@ -252,12 +252,44 @@ def finetune(cfg: Config, paths: RunPaths, force: bool = False, resume: bool = F
     return run_finetune(cfg, paths, force=force, resume=resume, inputs=inputs, init=init)
 
 
+STAGE_DIRS = {"finetune": "finetune", "pretrain": "pretrain", "import": "imported"}
+
+
 def _stage_dir(paths: RunPaths, stage: str) -> Path:
-    if stage == "auto":
-        stage = "finetune" if (paths.finetune / "ckpt").exists() else "pretrain"
-    d = getattr(paths, stage)
+    if stage == "auto":  # the latest model of the run: fine-tuned, else pretrained, else imported
+        stage = next((s for s in STAGE_DIRS if (getattr(paths, STAGE_DIRS[s]) / "ckpt").exists()), "pretrain")
+    d = getattr(paths, STAGE_DIRS[stage])
     _need(d / "ckpt", stage)
     return d
+
+
+def import_model(cfg: Config, paths: RunPaths, source: str, context: int = 0, force: bool = False) -> dict:
+    """A pre-trained model (GGUF file, HF folder, or a known name) -> the run's tokenizer and import/ checkpoint."""
+    from .checkpoint import save_checkpoint
+    from .hub import load_source
+
+    if context < 0:
+        raise UserError(f"--context {context} must be positive")
+    for what, path in (("a tokenizer", paths.tokenizer), ("an imported model", paths.imported)):
+        if path.exists() and any(path.iterdir()) and not force:
+            raise UserError(f"{what} already exists at {path}; pass --force to overwrite it (or choose another --run-dir)")
+    t0 = time.time()
+    model, tok, info = load_source(source, context or None)  # reads and checks everything before writing
+    _guard(paths.tokenizer, force, "a tokenizer")
+    _guard(paths.imported, force, "an imported model")
+    cfg.model = model.cfg
+    _save_cfg(cfg, paths)
+    tok.save(paths.tokenizer)
+    meta = {"stage": "import", "model": asdict(model.cfg), "tokenizer_hash": tok.hash, "source": info}
+    save_checkpoint(paths.imported / "ckpt", 0, model, None, None, None, meta, keep_last=1)
+    (paths.imported / "source.json").write_text(json.dumps(info, indent=2, default=str))
+    c = model.cfg
+    print(f"import: {info.get('name') or source} ({info['format']}) -> {paths.root} in {time.time() - t0:.1f} s\n"
+          f"  {model.num_params():,} parameters, {c.n_layer} layers, width {c.n_embd}, {c.n_head}/{c.n_kv_head} heads, "
+          f"vocabulary {c.vocab_size}, context {c.seq_len} (the model's own: {info.get('native_context')})\n"
+          f"  chat: {'its own template' if tok.chat_template else 'no template'}, replies end at "
+          f"{tok.id_to_token(tok.end_id)!r}; next: chatforge chat {paths.root}")
+    return info
 
 
 def _load(paths: RunPaths, stage: str, which: str):
@@ -404,9 +436,22 @@ def serve_run(cfg: Config, paths: RunPaths, stage="auto", which="best", host="12
           max_batch=max_batch)
 
 
-def export(cfg: Config, paths: RunPaths, out: str | None, stage="auto", which="best", force=False) -> Path:
-    from .export import export_hf
+def export(cfg: Config, paths: RunPaths, out: str | None, stage="auto", which="best", force=False, fmt="hf",
+           gguf_type="f32") -> Path:
+    if fmt not in ("hf", "gguf"):
+        raise UserError(f"export format {fmt!r} is not known; use hf or gguf")
     model, meta, ckpt = _load(paths, stage, which)
+    if fmt == "gguf":
+        from .gguf_export import check_tokenizer, export_gguf
+        from .tokenizer import Tokenizer
+        tok = Tokenizer.load(paths.tokenizer)
+        check_tokenizer(tok)  # before the guard, so --force never deletes an export it cannot replace
+        out_file = Path(out) if out else paths.root / "export" / f"{cfg.name}-{gguf_type}.gguf"
+        _guard(out_file, force, "an export")
+        export_gguf(model, tok, out_file, dtype=gguf_type, name=cfg.name)
+        print(f"export: {ckpt} -> {out_file} (run with llama.cpp: llama-cli -m {out_file} --jinja -cnv)")
+        return out_file
+    from .export import export_hf
     out_dir = Path(out) if out else paths.root / "export" / "hf"
     _guard(out_dir, force, "an export")
     export_hf(model, paths.tokenizer, out_dir, meta=meta)
@@ -450,9 +495,8 @@ def answer(engine, questions: list[str], max_new_tokens: int) -> list[dict]:
     out = []
     for q in questions:
         ids = engine.tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
-        gen = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0,
-                              stop_ids=(engine.tok.end_id, engine.tok.eos_id))[0]
-        ended = bool(gen) and gen[-1] in (engine.tok.end_id, engine.tok.eos_id)
+        gen = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=engine.tok.stop_ids)[0]
+        ended = bool(gen) and gen[-1] in engine.tok.stop_ids
         out.append({"question": q, "answer": engine.tok.decode(gen), "ended_at_end_of_turn": ended})
     return out
 
@@ -556,6 +600,10 @@ def run(args: Namespace) -> int:
         cfg.data.lowercase |= args.lowercase
         cfg.data.remove_stopwords |= args.remove_stopwords
         prepare(cfg, paths, args.force, args.shard, args.num_shards)
+    elif cmd == "import":
+        if not extra and not args.source:
+            raise UserError("give what to import: a .gguf file, a Hugging Face model folder, or smollm2-135m")
+        import_model(cfg, paths, args.source or extra[0], args.context, args.force)
     elif cmd == "merge":
         merge(cfg, paths, args.parts, args.force)
     elif cmd == "tokenizer":
@@ -578,7 +626,8 @@ def run(args: Namespace) -> int:
     elif cmd == "serve":
         serve_run(cfg, paths, args.stage, args.checkpoint, args.host, args.port, args.api_key, args.max_batch)
     elif cmd == "export":
-        export(cfg, paths, args.out or (extra[0] if extra else None), args.stage, args.checkpoint, args.force)
+        export(cfg, paths, args.out or (extra[0] if extra else None), args.stage, args.checkpoint, args.force,
+               fmt=args.format, gguf_type=args.outtype)
     elif cmd == "embeddings":
         embeddings(cfg, paths, args.stage, args.checkpoint, args.near, args.plot, args.k)
     elif cmd == "report":

@@ -159,6 +159,9 @@ def _build_bpe(texts: Iterable[str], cfg: TokenizerConfig) -> HFTokenizer:
         min_frequency=cfg.min_frequency,
         special_tokens=_special_added_tokens(),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text is encodable
+        # Cap learned tokens at 32 bytes (byte-level: one char per byte): deep indentation or long symbol runs
+        # would otherwise grow into huge one-off tokens that waste vocabulary slots.
+        max_token_length=32,
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
@@ -221,22 +224,52 @@ def _hf_split_pattern(hf: HFTokenizer) -> str:
 class Tokenizer:
     """A trained tokenizer: encode/decode text, render chats with loss masks, save/load."""
 
-    def __init__(self, hf: HFTokenizer, kind: str, json_text: str | None = None):
+    def __init__(self, hf: HFTokenizer, kind: str, json_text: str | None = None, chat: dict | None = None):
+        """chat: None for chatforge's own format (specials at ids 0..6); for a tokenizer imported with a model,
+        {"template", "bos", "eos", "pad", "end_of_turn", "doc", "add_bos"} (ids; see ChatTemplate)."""
         self.kind = kind
         self._json = json_text if json_text is not None else hf.to_str(pretty=True)
         self.hash = hashlib.sha256(self._json.encode("utf-8")).hexdigest()[:16]
         self._hf = hf
         self._hf.encode_special_tokens = True  # "<|end|>" inside text stays text
-        for i, t in enumerate(SPECIAL_TOKENS):
-            if hf.token_to_id(t) != i:
-                raise UserError(f"tokenizer has {t} at id {hf.token_to_id(t)}, expected {i}: re-run `chatforge tokenizer`")
-        self.bos_id, self.eos_id, self.pad_id, self.system_id, self.user_id, self.assistant_id, self.end_id = range(7)
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
-        self._role_id = {"system": self.system_id, "user": self.user_id, "assistant": self.assistant_id}
+        self.chat = chat
+        if chat is None:
+            for i, t in enumerate(SPECIAL_TOKENS):
+                if hf.token_to_id(t) != i:
+                    raise UserError(f"tokenizer has {t} at id {hf.token_to_id(t)}, expected {i}: re-run `chatforge tokenizer`")
+            self.bos_id, self.eos_id, self.pad_id, self.system_id, self.user_id, self.assistant_id, self.end_id = range(7)
+            self.doc_id, self.add_bos = self.bos_id, True  # documents in shards start with <|bos|>
+            self.special_ids = frozenset(range(len(SPECIAL_TOKENS)))
+            self.chat_template, self._template = CHAT_TEMPLATE, None
+            self._role_id = {"system": self.system_id, "user": self.user_id, "assistant": self.assistant_id}
+        else:
+            self.bos_id, self.eos_id = chat.get("bos"), chat["eos"]
+            self.pad_id, self.end_id, self.doc_id = chat["pad"], chat["end_of_turn"], chat["doc"]
+            self.add_bos = bool(chat.get("add_bos")) and self.bos_id is not None
+            self.system_id = self.user_id = self.assistant_id = None
+            self.special_ids = frozenset(i for i, t in hf.get_added_tokens_decoder().items() if t.special)
+            self.chat_template = chat.get("template")
+            self._template = ChatTemplate(self) if self.chat_template else None
         self._token_bytes: list[bytes] | None = None
         self._fast = None  # tiktoken Encoding (bpe) or code point lookup table (char), built on first use
         self._fast_state = "unbuilt"  # "unbuilt" | "ready" | "off"
         self.fast_note = ""  # why the fast encoder is off, when it is
+
+    @property
+    def native(self) -> bool:
+        """True for chatforge's own format (trained here), False for a model's own imported tokenizer."""
+        return self.chat is None
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a reply: end-of-turn and end-of-sequence (and an imported model's document end)."""
+        return tuple(dict.fromkeys(i for i in (self.end_id, self.eos_id, self.doc_id if not self.native else None)
+                                   if i is not None))
+
+    def with_bos(self, ids: list[int]) -> list[int]:
+        """ids of a plain-text prompt or document as the model saw text in training: BOS first if it adds one."""
+        return [self.bos_id, *ids] if self.add_bos else list(ids)
 
     @property
     def hf(self) -> HFTokenizer:
@@ -264,6 +297,9 @@ class Tokenizer:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "tokenizer.json").write_text(self._json, encoding="utf-8")
+        if not self.native:
+            self._save_imported(out_dir)
+            return
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": BOS,
@@ -279,6 +315,24 @@ class Tokenizer:
         meta = {"kind": self.kind, "hash": self.hash, "vocab_size": self.vocab_size, "fast_backend": self.fast_backend}
         if self.fast_note:
             meta["fast_note"] = self.fast_note
+        (out_dir / "chatforge_tokenizer.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    def _save_imported(self, out_dir: Path) -> None:
+        name = lambda i: self._hf.id_to_token(i) if i is not None else None  # noqa: E731
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": name(self.bos_id),
+            "eos_token": name(self.end_id),  # a chat model's reply ends at its end-of-turn token
+            "pad_token": name(self.pad_id),
+            "add_bos_token": self.add_bos,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+        }
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        meta = {"kind": self.kind, "hash": self.hash, "vocab_size": self.vocab_size, "fast_backend": self.fast_backend,
+                "fast_note": self.fast_note, "chat": self.chat}
         (out_dir / "chatforge_tokenizer.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -297,7 +351,7 @@ class Tokenizer:
             raise UserError(f"{path}: not a valid tokenizer.json ({e}); re-run `chatforge tokenizer`")
         if kind is None:
             kind = "char" if json.loads(text)["model"]["type"] == "WordLevel" else "bpe"
-        tok = cls(hf, kind, json_text=text)
+        tok = cls(hf, kind, json_text=text, chat=meta.get("chat"))
         if meta.get("fast_backend") == "hf" and "differ" in meta.get("fast_note", ""):
             tok._disable_fast(meta["fast_note"], warn=False)  # a mismatch seen once is not retried
         return tok
@@ -344,8 +398,8 @@ class Tokenizer:
             ids = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
         else:
             ids = self._encode_run(texts)
-        starts = np.flatnonzero(ids == self.bos_id).astype(np.int64)  # text never encodes to a special id
-        assert len(starts) == len(texts), "document count and <|bos|> count disagree"
+        starts = np.flatnonzero(ids == self.doc_id).astype(np.int64)  # text never encodes to a special id
+        assert len(starts) == len(texts), "document count and document-start count disagree"
         return ids, starts
 
     def _encode_run(self, texts: list[str]) -> np.ndarray:
@@ -361,7 +415,7 @@ class Tokenizer:
         out = np.empty(sum(map(len, docs)) + len(docs), dtype=np.uint32)
         pos = 0
         for d in docs:
-            out[pos] = self.bos_id
+            out[pos] = self.doc_id
             out[pos + 1:pos + 1 + len(d)] = d
             pos += 1 + len(d)
         return out
@@ -385,6 +439,9 @@ class Tokenizer:
 
     def _build_fast(self) -> None:
         self._fast_state = "off"
+        if not self.native:
+            self.fast_note = "a model's own tokenizer: encoded by HF tokenizers"
+            return
         if self.kind == "char":
             vocab = self._hf.get_vocab()
             chars = {t: i for t, i in vocab.items() if len(t) == 1}
@@ -489,9 +546,9 @@ class Tokenizer:
             out: list[bytes] = []
             for i in range(self.vocab_size):
                 s = self._hf.id_to_token(i)
-                if i < len(SPECIAL_TOKENS) or s is None:
+                if i in self.special_ids or s is None:
                     out.append(b"")
-                elif self.kind == "bpe":
+                elif self.kind == "bpe" and all(c in dec for c in s):
                     out.append(bytes(dec[c] for c in s))
                 else:
                     out.append(s.encode("utf-8"))
@@ -504,19 +561,15 @@ class Tokenizer:
 
     # ---- chat ---------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-        """Ids and loss mask of a conversation (see module docstring for the format)."""
+        """Ids and loss mask of a conversation (see module docstring for the format; an imported model's
+        conversations go through its own chat template, see ChatTemplate)."""
+        check_messages(messages)
+        if not self.native:
+            return self._chat_template().render_ids(messages, add_generation_prompt)
         ids = [self.bos_id]
         mask = [0]
-        for n, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise UserError(f"message {n}: expected {{'role': ..., 'content': ...}}, got {type(m).__name__}")
-            role, content = m.get("role"), m.get("content")
-            if role not in self._role_id:
-                raise UserError(f"message {n}: role {role!r} is not one of system, user, assistant")
-            if not isinstance(content, str):
-                raise UserError(f"message {n}: content must be a string, got {type(content).__name__}")
-            if role == "system" and n != 0:
-                raise UserError(f"message {n}: a system message may only come first")
+        for m in messages:
+            role, content = m["role"], m["content"]
             body = self.encode(content) if content else []
             learn = 1 if role == "assistant" else 0
             ids += [self._role_id[role], *body, self.end_id]
@@ -528,10 +581,96 @@ class Tokenizer:
 
     def render_chat_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The chat as text, exactly what CHAT_TEMPLATE gives (for export and debugging)."""
+        if not self.native:
+            check_messages(messages)
+            return self._chat_template().render(messages, add_generation_prompt)
         parts = [BOS] + [f"{ROLE_TOKENS[m['role']]}{m['content']}{END}" for m in messages]
         if add_generation_prompt:
             parts.append(ASSISTANT)
         return "".join(parts)
+
+
+    def _chat_template(self) -> "ChatTemplate":
+        if self._template is None:
+            raise UserError("this model's tokenizer has no chat template: use `generate` (plain text) instead of chat")
+        return self._template
+
+
+def check_messages(messages: list[dict]) -> None:
+    """The message list every chat format accepts: role system/user/assistant, string content, system first."""
+    for n, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise UserError(f"message {n}: expected {{'role': ..., 'content': ...}}, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or role not in ROLE_TOKENS:
+            raise UserError(f"message {n}: role {role!r} is not one of system, user, assistant")
+        if not isinstance(content, str):
+            raise UserError(f"message {n}: content must be a string, got {type(content).__name__}")
+        if role == "system" and n != 0:
+            raise UserError(f"message {n}: a system message may only come first")
+
+
+class ChatTemplate:
+    """An imported model's own Jinja chat template, rendered as transformers' apply_chat_template does.
+
+    Ids: the rendered text tokenized with special tokens recognised (as transformers does), so "<|im_end|>"
+    typed inside a message is read as the token, as in transformers and llama.cpp. Loss mask: each assistant
+    turn's span is the text that rendering the conversation up to that turn adds to rendering the turns
+    before it with the generation prompt; the mask covers that span up to and including its end-of-turn
+    token (not a newline the template writes after it).
+    """
+
+    def __init__(self, tok: "Tokenizer"):
+        import jinja2
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
+        try:
+            self._template = env.from_string(tok.chat_template)
+        except jinja2.exceptions.TemplateError as e:
+            raise UserError(f"the model's chat template does not parse: {e}") from None
+        name = lambda i: tok.hf.id_to_token(i) if i is not None else None  # noqa: E731
+        self._vars = {"bos_token": name(tok.bos_id) or "", "eos_token": name(tok.eos_id) or "",
+                      "pad_token": name(tok.pad_id) or ""}
+        self._eot = name(tok.end_id) or ""
+        self._tok = tok
+        self._hf = HFTokenizer.from_str(tok._json)  # specials in the rendered text are read as tokens
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        import jinja2
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         tools=None, documents=None, **self._vars)
+        except jinja2.exceptions.TemplateError as e:
+            raise UserError(f"the model's chat template refused the conversation: {e}") from None
+
+    def render_ids(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+        text = self.render(messages, add_generation_prompt)
+        spans = []
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.render(messages[:k], add_generation_prompt=True)
+            upto = self.render(messages[:k + 1])
+            if not (upto.startswith(before) and text.startswith(upto)):
+                raise UserError("the model's chat template does not render a conversation turn by turn, so the "
+                                "assistant's tokens cannot be told apart for the loss")
+            seg = upto[len(before):]
+            j = seg.rfind(self._eot) if self._eot else -1
+            spans.append((len(before), len(before) + (j + len(self._eot) if j >= 0 else len(seg))))
+        enc = self._hf.encode(text, add_special_tokens=False)
+        ids = list(enc.ids)
+        mask = [int(any(a <= start < b for a, b in spans)) for start, _ in enc.offsets]
+        if self._tok.add_bos and (not ids or ids[0] != self._tok.bos_id):
+            ids, mask = [self._tok.bos_id, *ids], [0, *mask]
+        return ids, mask
 
 
 class IncrementalDecoder:
@@ -543,14 +682,15 @@ class IncrementalDecoder:
 
     def __init__(self, tok: Tokenizer, skip_special: bool = True):
         self._bytes = tok.token_bytes()
+        self._specials = tok.special_ids
         self._tok = tok
         self._skip = skip_special
         self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
         token_id = int(token_id)
-        if token_id < len(SPECIAL_TOKENS):
-            return "" if self._skip else SPECIAL_TOKENS[token_id]
+        if token_id in self._specials:
+            return "" if self._skip else self._tok.id_to_token(token_id)
         return self._dec.decode(self._bytes[token_id])
 
     def flush(self) -> str:

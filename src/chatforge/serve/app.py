@@ -239,7 +239,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
         except UserError as e:
             raise APIError(400, str(e), "messages", "invalid_messages")
         params = sampling(body, len(ids))
-        return await respond(body, ids, params, (engine.tok.end_id, engine.tok.eos_id), "chat")
+        return await respond(body, ids, params, engine.tok.stop_ids, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -252,7 +252,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
                            "invalid_prompt")
         ids = engine.complete_prompt(prompt)
         params = sampling(body, len(ids))
-        return await respond(body, ids, params, (engine.tok.eos_id,), "completion")
+        return await respond(body, ids, params, engine.tok.stop_ids, "completion")
 
     @app.get("/v1/models")
     async def models():

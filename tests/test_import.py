@@ -1,0 +1,245 @@
+"""`chatforge import`: GGUF files (written here with the gguf package, in each supported type) and HF folders
+load with the same logits, tokens and chat rendering as transformers computes from the same file."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from chatforge.cli import main
+from chatforge.errors import UserError
+from chatforge.hub import read_gguf
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEXT = ["def parse(line):\n    return line.split(',')  # 12 fields\n", "The quick brown fox, café and naïve.",
+        "Hello world! How are you today? 3.14159 and 2,718.", "    indented\n\tcode()\n"] * 20
+HARD = ["12345 hello  world\n\n  x", " 1 2 33 444 x1y2", "héllo wörld 日本語 \U0001F600 e\u0301",
+        "def f(x):\n\t\treturn x**2  # ok\n", "  \n \r\n\t  end   ", "it's I'M we'Ve", "a" * 50, ""]
+N_LAYER, N_HEAD, N_KV, WIDTH, FFN = 2, 4, 2, 64, 128
+
+
+def _hf_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXT, trainer)
+    return tok
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:  # what llama.cpp's converter does to q and k
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path, qtype: str, seed: int = 0, tied: bool = True, extra_q2k: bool = False) -> dict:
+    """A random tiny Llama with a ChatML byte-level BPE tokenizer; returns its HF-layout fp32 weights."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFWriter
+    from gguf.quants import quantize
+
+    tok = _hf_tokenizer()
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    rng = np.random.default_rng(seed)
+    V = len(tokens)
+    w = {"token_embd.weight": rng.normal(0, 0.5, (V, WIDTH)), "output_norm.weight": 1 + rng.normal(0, 0.2, WIDTH)}
+    if not tied:
+        w["output.weight"] = rng.normal(0, 0.2, (V, WIDTH))
+    D = WIDTH // N_HEAD
+    for i in range(N_LAYER):
+        b = f"blk.{i}."
+        w.update({b + "attn_norm.weight": 1 + rng.normal(0, 0.2, WIDTH), b + "ffn_norm.weight": 1 + rng.normal(0, 0.2, WIDTH),
+                  b + "attn_q.weight": rng.normal(0, 0.2, (N_HEAD * D, WIDTH)),
+                  b + "attn_k.weight": rng.normal(0, 0.2, (N_KV * D, WIDTH)),
+                  b + "attn_v.weight": rng.normal(0, 0.2, (N_KV * D, WIDTH)),
+                  b + "attn_output.weight": rng.normal(0, 0.2, (WIDTH, N_HEAD * D)),
+                  b + "ffn_gate.weight": rng.normal(0, 0.2, (FFN, WIDTH)),
+                  b + "ffn_up.weight": rng.normal(0, 0.2, (FFN, WIDTH)),
+                  b + "ffn_down.weight": rng.normal(0, 0.2, (WIDTH, FFN))})
+    w = {k: v.astype(np.float32) for k, v in w.items()}
+    wr = GGUFWriter(str(path), "llama")
+    wr.add_block_count(N_LAYER)
+    wr.add_context_length(128)
+    wr.add_embedding_length(WIDTH)
+    wr.add_feed_forward_length(FFN)
+    wr.add_head_count(N_HEAD)
+    wr.add_head_count_kv(N_KV)
+    wr.add_rope_freq_base(10000.0)
+    wr.add_layer_norm_rms_eps(1e-5)
+    wr.add_rope_dimension_count(D)
+    wr.add_vocab_size(V)
+    wr.add_tokenizer_model("gpt2")
+    wr.add_tokenizer_pre("smollm")
+    wr.add_token_list(tokens)
+    wr.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    wr.add_token_merges(merges)
+    wr.add_bos_token_id(vocab["<|im_start|>"])
+    wr.add_eos_token_id(vocab["<|im_end|>"])
+    wr.add_pad_token_id(vocab["<|im_end|>"])
+    wr.add_add_bos_token(False)
+    wr.add_chat_template(CHATML)
+    qt = getattr(Q, qtype)
+    for name, arr in w.items():
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            arr = _permute(arr, N_HEAD if "attn_q" in name else N_KV)
+        if arr.ndim == 1 or qtype == "F32":
+            wr.add_tensor(name, arr)
+        elif qtype == "F16":
+            wr.add_tensor(name, arr.astype(np.float16))
+        else:
+            q = quantize(arr, qt)
+            wr.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qt)
+    if extra_q2k:  # one block of a type import does not read
+        wr.add_tensor("blk.0.extra.weight", np.zeros((1, 84), np.uint8), raw_shape=(1, 84), raw_dtype=Q.Q2_K)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return w
+
+
+def hf_from_gguf(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tok
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_logits_match_transformers(tmp_path, qtype):
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    weights = write_tiny_gguf(path, qtype, tied=qtype != "Q8_0")
+    model, tok, info = read_gguf(path)
+    assert info["tensor_types"].get(qtype) or qtype == "F32"
+    hf, _ = hf_from_gguf(path)
+    prompts = [tok.render_chat([{"role": "user", "content": "Hello, how are you?"}], add_generation_prompt=True)[0],
+               tok.encode(TEXT[0]), tok.encode("The quick brown fox, café and naïve. " * 3)]
+    for ids in prompts:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            diff = (model(x) - hf(x).logits).abs().max().item()
+        assert diff < 1e-4, (qtype, diff)
+    if qtype == "F32":  # exact weights, q/k back in HF's layout
+        q = model.layers[1].self_attn.q_proj.weight.detach().numpy()
+        assert np.array_equal(q, weights["blk.1.attn_q.weight"])
+        assert np.array_equal(model.layers[0].self_attn.k_proj.weight.detach().numpy(), weights["blk.0.attn_k.weight"])
+
+
+def test_gguf_tokenizer_chat_and_greedy_match_transformers(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, "F32")
+    model, tok, _ = read_gguf(path)
+    hf, htok = hf_from_gguf(path)
+    for s in HARD:
+        assert tok.encode(s) == htok(s, add_special_tokens=False).input_ids, s
+        assert tok.decode(tok.encode(s)) == s
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello! 12 apples."}, {"role": "user", "content": "More?"}]
+    want = htok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert tok.render_chat_text(chat, add_generation_prompt=True) == want
+    ids, mask = tok.render_chat(chat, add_generation_prompt=True)
+    assert ids == htok(want, add_special_tokens=False).input_ids
+    # The loss mask: exactly the assistant's reply and its <|im_end|>, not the newline after it.
+    learned = [i for i, m in zip(ids, mask) if m]
+    assert tok.decode(learned, skip_special=False) == "Hello! 12 apples.<|im_end|>"
+    assert tok.end_id == htok.convert_tokens_to_ids("<|im_end|>") and tok.add_bos is False
+    # Greedy 32 tokens, the same as transformers' generate.
+    prompt = ids
+    ours = []
+    from chatforge.engine import Engine
+    ours = Engine(model, tok).generate(prompt, max_new_tokens=32, temperature=0.0)[0]
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)[0, len(prompt):].tolist()
+    assert ours == ref
+
+
+def test_import_cli_then_export_loads_in_transformers(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, "Q8_0")
+    run = tmp_path / "run"
+    assert main(["import", str(path), "--run-dir", str(run)]) == 0
+    assert (run / "tokenizer" / "tokenizer.json").is_file() and (run / "import" / "ckpt").is_dir()
+    assert main(["import", str(path), "--run-dir", str(run)]) == 2  # never overwritten without --force
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    ref, rtok = hf_from_gguf(path)
+    exp = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    etok = transformers.AutoTokenizer.from_pretrained(str(out))
+    chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+    text = etok.apply_chat_template(chat, tokenize=False)
+    assert text == rtok.apply_chat_template(chat, tokenize=False)
+    ids = torch.tensor([etok(text, add_special_tokens=False).input_ids])
+    assert ids.tolist()[0] == rtok(text, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        assert (exp(ids).logits - ref(ids).logits).abs().max().item() < 1e-4
+    eos = exp.generation_config.eos_token_id
+    assert etok.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
+
+
+def test_bad_gguf_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
+    good = tmp_path / "tiny.gguf"
+    write_tiny_gguf(good, "F32")
+    data = good.read_bytes()
+    cases = {"truncated.gguf": data[: len(data) // 2], "header.gguf": data[:40], "text.gguf": b"hello, not a model\n"}
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        run = tmp_path / f"run-{name}"
+        assert main(["import", str(tmp_path / name), "--run-dir", str(run)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "error:" in err and "Traceback" not in err, err
+        assert not run.exists() or not any(run.iterdir()), name
+    odd = tmp_path / "q2k.gguf"
+    write_tiny_gguf(odd, "F32", extra_q2k=True)
+    with pytest.raises(UserError, match="blk.0.extra.weight has type Q2_K"):
+        read_gguf(odd)
+
+
+
+
+# ---------------------------------------------------------------- the real SmolLM2-135M-Instruct (slow)
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from chatforge.hub import fetch_named
+    try:
+        path = fetch_named("smollm2-135m")
+    except UserError as e:
+        pytest.skip(f"SmolLM2 could not be fetched: {e}")
+    model, tok, _ = read_gguf(path)
+    hf, htok = hf_from_gguf(path)
+    return path, model, tok, hf, htok
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers(smollm2, tmp_path):
+    path, model, tok, hf, htok = smollm2
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    prompts = {"chat": tok.render_chat(chat, add_generation_prompt=True)[0],
+               "code": tok.encode("import json\n\ndef load(path):\n    with open(path) as f:\n        return json.load(f)\n"),
+               "prose": tok.encode("The quick brown fox jumps over the lazy dog. It was the best of times, it was")}
+    assert prompts["chat"] == htok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)["input_ids"]
+    for name, ids in prompts.items():
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            assert (model(x) - hf(x).logits).abs().max().item() < 1e-4, name
+    for s in HARD + ["SmolLM2 is 135M parameters; print(f'{x:>10}')\r\n"]:
+        assert tok.encode(s) == htok(s, add_special_tokens=False).input_ids, s
+    from chatforge.engine import Engine
+    ours = Engine(model, tok).generate(prompts["chat"], max_new_tokens=32, temperature=0.0)[0]
+    ref = hf.generate(torch.tensor([prompts["chat"]]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                      pad_token_id=tok.pad_id)[0, len(prompts["chat"]):].tolist()
+    assert ours == ref
+    assert tok.decode(ours).startswith("The capital of France is Paris.")

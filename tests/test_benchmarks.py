@@ -72,7 +72,10 @@ def test_memorised_model_picks_the_right_ending(memorised, tok):
     assert res["random_baseline"] == pytest.approx((3 * (1 / 3) + 1 / 2) / 4)
 
 
-def independent_loglik(model, tok, context: str, ending: str) -> float:
+def independent_loglik(model, tok, context: str, ending: str, move_space: bool = False) -> float:
+    if move_space:  # lm-evaluation-harness moves the context's trailing whitespace onto the continuation
+        n = len(context) - len(context.rstrip())
+        context, ending = context[:len(context) - n], context[len(context) - n:] + ending
     ctx = [tok.bos_id] + tok.encode(context)
     cont = tok.encode(ending)
     with torch.no_grad():
@@ -93,17 +96,20 @@ def test_scores_match_independent_loglikelihood(tok):
         endings = [" " + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(4)]
         items.append({"context": "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 20))),
                       "endings": endings, "label": rng.randrange(4)})
+    items[1]["context"] += "  "  # trailing spaces move to the continuation (as lm-evaluation-harness)
     # Requests straight through continuation_logprobs (batched, padded) equal one-at-a-time forwards.
     reqs = [([tok.bos_id] + tok.encode(it["context"]), tok.encode(e)) for it in items for e in it["endings"]]
     lls = bm.continuation_logprobs(model, reqs, batch_size=5)
     ref = [independent_loglik(model, tok, it["context"], e) for it in items for e in it["endings"]]
     assert lls == pytest.approx(ref, rel=1e-5, abs=1e-5)
 
+    ref = [independent_loglik(model, tok, it["context"], e, move_space=True) for it in items for e in it["endings"]]
     res = bm.score_multiple_choice(model, tok, items, batch_size=7)
     hits = hits_norm = 0
     for i, (it, pred) in enumerate(zip(items, res["predictions"])):
         ll = ref[4 * i:4 * i + 4]
-        norm = [v / len(e.encode()) for v, e in zip(ll, it["endings"])]
+        assert pred["lls"] == pytest.approx(ll, rel=1e-5, abs=1e-5)
+        norm = [v / len(e[1:]) for v, e in zip(ll, it["endings"])]  # characters, without the " " delimiter
         assert pred["pred"] == max(range(4), key=ll.__getitem__)
         assert pred["pred_norm"] == max(range(4), key=norm.__getitem__)
         hits += pred["pred"] == it["label"]
@@ -173,10 +179,15 @@ def test_arc_choice_layouts(tmp_path):
 
 def test_hellaswag_raw_record_cleanup(tmp_path):
     rec = {"activity_label": "Roof shingle removal", "ctx": "A man is on a roof. [header] he",
-           "ctx_a": "x", "ctx_b": "y", "endings": ["is [title] here.", "goes  home."], "label": 1}
+           "ctx_a": "A man is on a roof. [header]", "ctx_b": "he", "endings": ["is [title] here.", "goes  home."],
+           "label": 1}
     (item,) = bm.load_items(write_jsonl(tmp_path / "h.jsonl", [rec]), "hellaswag")
-    assert item["context"] == "Roof shingle removal: A man is on a roof. he"
+    # As lm-evaluation-harness: activity_label + ": " + ctx_a + " " + ctx_b.capitalize(), then cleaned.
+    assert item["context"] == "Roof shingle removal: A man is on a roof. He"
     assert item["endings"] == [" is. here.", " goes home."]
+    del rec["ctx_a"], rec["ctx_b"]  # a record with only ctx keeps it as it is
+    (item,) = bm.load_items(write_jsonl(tmp_path / "h2.jsonl", [rec]), "hellaswag")
+    assert item["context"] == "Roof shingle removal: A man is on a roof. he"
 
 
 @pytest.mark.parametrize("text,num", [

@@ -189,7 +189,7 @@ def test_hf_starting_point_identical_logits(base_run, tmp_path, arch):
         assert Engine.from_run(fresh.root, "finetune", device="cpu").model.cfg.n_embd == 32
 
 
-def test_hf_tokenizer_without_our_special_tokens_is_refused(base_run, tmp_path):
+def test_hf_tokenizer_that_disagrees_with_its_files_is_refused(base_run, tmp_path):
     from tokenizers import Tokenizer as HFTok
     from tokenizers import models, pre_tokenizers, trainers
 
@@ -199,7 +199,7 @@ def test_hf_tokenizer_without_our_special_tokens_is_refused(base_run, tmp_path):
     foreign.pre_tokenizer = pre_tokenizers.ByteLevel()
     foreign.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"]))
     foreign.save(str(hf_dir / "tokenizer.json"))
-    with pytest.raises(UserError, match="chat tokens"):
+    with pytest.raises(UserError, match="is not in"):  # its tokenizer_config.json names <|bos|>, absent here
         load_start(cfg, RunPaths(tmp_path / "fresh"), str(hf_dir))
 
 

@@ -161,7 +161,8 @@ def test_gguf_tokenizer_chat_and_greedy_match_transformers(tmp_path):
     ours = []
     from chatforge.engine import Engine
     ours = Engine(model, tok).generate(prompt, max_new_tokens=32, temperature=0.0)[0]
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+    x = torch.tensor([prompt])
+    ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=32, do_sample=False, eos_token_id=None,
                       pad_token_id=0)[0, len(prompt):].tolist()
     assert ours == ref
 
@@ -239,7 +240,39 @@ def test_smollm2_matches_transformers(smollm2, tmp_path):
         assert tok.encode(s) == htok(s, add_special_tokens=False).input_ids, s
     from chatforge.engine import Engine
     ours = Engine(model, tok).generate(prompts["chat"], max_new_tokens=32, temperature=0.0)[0]
-    ref = hf.generate(torch.tensor([prompts["chat"]]), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                      pad_token_id=tok.pad_id)[0, len(prompts["chat"]):].tolist()
+    x = torch.tensor([prompts["chat"]])  # the prompt holds the pad id (<|im_end|>): say it is all real tokens
+    ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                      pad_token_id=tok.pad_id)[0, x.shape[1]:].tolist()
     assert ours == ref
     assert tok.decode(ours).startswith("The capital of France is Paris.")
+
+
+@pytest.mark.parametrize("qk_norm,outtype", [(False, "f32"), (True, "f32"), (False, "q8_0")])
+def test_chatforge_gguf_export_round_trips_through_import(tmp_path, qk_norm, outtype):
+    from chatforge.config import ModelConfig, TokenizerConfig
+    from chatforge.gguf_export import export_gguf
+    from chatforge.model import GPT
+    from chatforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(TEXT, TokenizerConfig(kind="bpe", vocab_size=320, min_frequency=1))
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, seq_len=64, vocab_size=tok.vocab_size,
+                            init_std=0.1, qk_norm=qk_norm)).eval()
+    path = export_gguf(model, tok, tmp_path / "m.gguf", dtype=outtype)
+    back, btok, info = read_gguf(path)
+    assert info["architecture"] == ("qwen3" if qk_norm else "llama")
+    chat = [{"role": "user", "content": "Hello world, how are you?"}, {"role": "assistant", "content": "Fine."}]
+    ids = tok.render_chat(chat)[0]
+    assert btok.render_chat(chat)[0] == ids and btok.render_chat(chat)[1] == tok.render_chat(chat)[1]
+    for s in HARD:
+        assert btok.encode(s) == tok.encode(s), s
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        diff = (back(x) - model(x)).abs().max().item()
+        scale = model(x).abs().max().item()
+    assert diff == 0.0 if outtype == "f32" else diff < 0.05 * scale, (diff, scale)
+    if outtype == "q8_0":  # each weight is exactly what Q8_0 makes of the original
+        from gguf.quants import dequantize, quantize
+        w = model.layers[1].mlp.up_proj.weight.detach().numpy()
+        want = dequantize(quantize(w, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0)
+        assert np.array_equal(back.layers[1].mlp.up_proj.weight.detach().numpy(), want.reshape(w.shape))

@@ -316,3 +316,26 @@ def test_cpu_peak_keeps_the_best_rate_seen_here(tmp_path, monkeypatch):
     assert _best_seen_cpu_peak(120e9) == 120e9
     (tmp_path / "chatforge" / "cpu_peak.json").write_text("not json")
     assert _best_seen_cpu_peak(50e9) == 50e9  # a damaged cache file is replaced, never an error
+
+
+def test_loss_on_target_positions_only_equals_the_full_head():
+    """loss_sum computes the head only where y has targets: same loss and gradients as the full head."""
+    from chatforge.config import ModelConfig
+    from chatforge.model import GPT
+    from chatforge.train import IGNORE, loss_sum
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, seq_len=16, vocab_size=50))
+    x = torch.randint(0, 50, (3, 16))
+    y = torch.randint(0, 50, (3, 16))
+    y[:, :9] = IGNORE
+    y[1, 12] = IGNORE
+    s, n = loss_sum(model, {"x": x, "y": y})
+    s.backward()
+    g = model.layers[0].mlp.up_proj.weight.grad.clone()
+    model.zero_grad()
+    full = torch.nn.functional.cross_entropy(model(x).reshape(-1, 50), y.reshape(-1), ignore_index=IGNORE,
+                                             reduction="sum")
+    full.backward()
+    assert n == int((y != IGNORE).sum()) == 20
+    assert torch.allclose(s, full, atol=1e-5)
+    assert torch.allclose(g, model.layers[0].mlp.up_proj.weight.grad, atol=1e-6)

@@ -1,8 +1,12 @@
 """Benchmarks: a task registry, schema-checked loaders, multiple-choice and GSM8K scoring.
 
-Multiple choice (HellaSwag, ARC) is scored the usual zero-shot way (as in lm-evaluation-harness): each
-ending's log-likelihood given the context; `acc` picks the highest sum, `acc_norm` the highest sum divided
-by the ending's UTF-8 byte length (so long endings are not penalised for having more tokens).
+Multiple choice (HellaSwag, ARC) is scored zero-shot exactly as lm-evaluation-harness (0.4.x, `--model hf`)
+scores it, item by item: each choice is the continuation " " + ending of the context; whitespace at the end
+of the context moves to the front of the continuation; context + continuation are encoded together and
+split after the context's own tokens; `acc` picks the highest log-likelihood sum, `acc_norm` the highest sum
+divided by the ending's length in characters (`len(ending)`, without the " " delimiter). Sequences start
+with BOS when the tokenizer's `add_bos` says the model expects one (chatforge's own tokenizers do: compare
+with `lm_eval --model hf --model_args pretrained=DIR,add_bos_token=True`).
 GSM8K is generative: the chat model answers each question, and the number after `####` in its reply (or
 else its last number) must equal the reference answer's number.
 
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -151,6 +156,8 @@ def _normalise(rec: dict, schema: str, where: str) -> dict:
         if not 0 <= label < len(endings):
             raise bad("label", f"is {label}, outside 0..{len(endings) - 1}")
         ctx = rec["ctx"]
+        if isinstance(rec.get("ctx_a"), str) and isinstance(rec.get("ctx_b"), str):
+            ctx = rec["ctx_a"] + " " + rec["ctx_b"].capitalize()  # as lm-evaluation-harness builds it
         if "activity_label" in rec:  # raw rowanz record: the activity is part of the prompt (harness, llama.cpp)
             ctx = f"{rec['activity_label']}: {ctx}"
         return {"context": _hellaswag_clean(str(ctx)),
@@ -270,25 +277,67 @@ def continuation_logprobs(model, requests: Sequence[tuple[list[int], list[int]]]
     return out
 
 
+TARGET_DELIMITER = " "  # between context and choice, as lm-evaluation-harness's default target_delimiter
+
+
 def _prefix(tok) -> list[int]:
+    """[BOS] when the tokenizer says its model expects one (chatforge tokenizers: always), else []."""
     bos = getattr(tok, "bos_id", None)
-    return [bos] if bos is not None else []
+    return [bos] if bos is not None and getattr(tok, "add_bos", True) else []
+
+
+def choice_length(ending: str) -> int:
+    """acc_norm's divisor: the choice's length in characters, without the leading delimiter (lm-eval's
+    `len(choice)`; load_items stores each ending as TARGET_DELIMITER + choice)."""
+    return len(ending[len(TARGET_DELIMITER):] if ending.startswith(TARGET_DELIMITER) else ending)
+
+
+def choice_request(tok, context: str, ending: str) -> tuple[list[int], list[int]]:
+    """(context_ids, continuation_ids) for one choice, split the way lm-evaluation-harness's `_encode_pair`
+    splits it for a causal model.
+
+    Trailing whitespace of the context moves to the start of the continuation; context + continuation are
+    encoded as one string and the continuation is what follows the context's own token count. An empty
+    context is replaced by BOS (EOS if there is none), as lm-eval's `prefix_token_id`.
+    """
+    if context == "":
+        cont = tok.encode(ending)
+        bos = getattr(tok, "bos_id", None)
+        first = bos if bos is not None else getattr(tok, "eos_id", None)
+        if cont and cont[0] == first:
+            return cont[:1], cont[1:]
+        return [first], cont
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, ending = context[:-n_spaces], context[-n_spaces:] + ending
+    ctx = tok.encode(context)
+    whole = tok.encode(context + ending)
+    return _prefix(tok) + ctx, whole[len(ctx):]
+
+
+def pick(lls: Sequence[float], endings: Sequence[str]) -> tuple[int, int]:
+    """(pred, pred_norm) from per-choice log-likelihoods: numpy argmax of ll and of ll / choice_length,
+    as lm-eval's process_results (first index on ties; an empty choice divides by 0 -> -inf)."""
+    ll = np.asarray(lls, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        norm = ll / np.array([float(choice_length(e)) for e in endings])
+    return int(np.argmax(ll)), int(np.argmax(norm))
 
 
 def score_multiple_choice(model, tok, items: Sequence[dict], device="cpu", max_items: int = 0,
                           batch_size: int = 16, progress: bool = False) -> dict:
     """Zero-shot multiple choice on items {context, endings, label} (from `load_items`).
 
-    Returns acc, acc_se, acc_norm (by UTF-8 bytes of the ending), acc_norm_se, random_baseline (mean of
-    1/choices), n, and `predictions` (per item: chosen index by raw and by normalised log-likelihood).
-    Each sequence starts with BOS, as pretraining documents do.
+    Returns acc, acc_se, acc_norm (log-likelihood / characters of the ending, as lm-eval), acc_norm_se,
+    random_baseline (mean of 1/choices), n, and `predictions` (per item: chosen index by raw and by
+    normalised log-likelihood, the label, and `lls`, each choice's log-likelihood). Requests are built by
+    `choice_request` (BOS first when `tok.add_bos`, default True: chatforge pretraining documents start so).
     """
     from tqdm.auto import tqdm
 
     items = list(items)[:max_items] if max_items else list(items)
     if not items:
         raise UserError("no benchmark items to score")
-    pre = _prefix(tok)
     hits = hits_norm = 0
     baseline = 0.0
     preds = []
@@ -297,19 +346,16 @@ def score_multiple_choice(model, tok, items: Sequence[dict], device="cpu", max_i
         part = items[s:s + chunk]
         reqs, spans = [], []
         for it in part:
-            ctx = pre + tok.encode(it["context"])
             spans.append((len(reqs), len(it["endings"])))
-            reqs += [(ctx, tok.encode(e)) for e in it["endings"]]
+            reqs += [choice_request(tok, it["context"], e) for e in it["endings"]]
         lls = continuation_logprobs(model, reqs, device=device, batch_size=batch_size)
         for it, (a, k) in zip(part, spans):
             ll = lls[a:a + k]
-            norm = [v / max(1, len(e.encode("utf-8"))) for v, e in zip(ll, it["endings"])]
-            pick = max(range(k), key=ll.__getitem__)
-            pick_norm = max(range(k), key=norm.__getitem__)
-            hits += pick == it["label"]
-            hits_norm += pick_norm == it["label"]
+            pred, pred_norm = pick(ll, it["endings"])
+            hits += pred == it["label"]
+            hits_norm += pred_norm == it["label"]
             baseline += 1.0 / k
-            preds.append({"pred": pick, "pred_norm": pick_norm, "label": it["label"]})
+            preds.append({"pred": pred, "pred_norm": pred_norm, "label": it["label"], "lls": ll})
     n = len(items)
     acc, acc_norm = hits / n, hits_norm / n
     return {"acc": acc, "acc_se": _stderr(acc, n), "acc_norm": acc_norm, "acc_norm_se": _stderr(acc_norm, n),

@@ -143,6 +143,7 @@ class FinetuneConfig(TrainConfig):
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=list)  # empty -> all attention and MLP projections
     eval_prompts: int = 20  # held-out prompts whose replies are checked for ending at end-of-turn
+    eval_sampled: bool = True  # also decode them as `chat` does (sampled), besides greedily
     # A conversation longer than the context: "turns" keeps the whole turns that fit (drops it if none does),
     # so every example ends with <|end|>; "cut" keeps the first seq_len tokens, long replies without their end.
     too_long: str = "turns"

@@ -317,7 +317,7 @@ class Engine:
             seq = torch.empty(B, total, dtype=ids.dtype, device=dev)  # prompt, then each sampled token
             seq[:, :L] = ids
         step_fn = self._decode_step if fast else self._forward
-        if fast and B == 1 and self._lin is torch.mm:
+        if fast and use_cache and B == 1 and self._lin is torch.mm:
             step_fn = self._decode_one
         for step in range(max_new_tokens):
             t = L + step  # tokens in seq so far

@@ -152,54 +152,9 @@ def _token_arrays(shard_dir: Path, tok) -> list:
 # ---------------------------------------------------------------- evidence
 
 def held_out_prompts(sft_val: Path, n: int = EVAL_PROMPTS) -> list[list[dict]]:
-    """n conversations spread evenly over a prepared sft_val.jsonl (which lists its sources one after another,
-    so the head would be one source only), each cut before its first assistant turn."""
-    out: list[list[dict]] = []
-    if n <= 0 or not Path(sft_val).is_file():
-        return out
-    with open(sft_val, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            msgs = json.loads(line)["messages"]
-            k = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), None)
-            if k:
-                out.append(msgs[:k])
-    return [out[i * len(out) // n] for i in range(n)] if len(out) > n else out
-
-
-def reply_check(model, tok, prompts: list[list[dict]], gen, device="cpu") -> dict:
-    """Replies to held-out prompts, and the share that end with <|end|> within gen.max_new_tokens (and the
-    context), twice: decoded as `chatforge chat` does with the run's generate settings (prompt i seeded with
-    gen.seed + i), and greedily (tiny models tend to loop under greedy decoding, and never stop)."""
-    from .engine import Engine
-
-    engine = Engine(model, tok, device=str(device))
-    replies, skipped = [], 0
-    stop = tok.stop_ids
-    for i, msgs in enumerate(prompts):
-        ids = tok.render_chat(msgs, add_generation_prompt=True)[0]
-        limit = min(gen.max_new_tokens, model.cfg.seq_len - len(ids))
-        if limit < 1:  # the prompt alone fills the context
-            skipped += 1
-            continue
-        sampled = engine.generate(ids, max_new_tokens=limit, temperature=gen.temperature, top_k=gen.top_k,
-                                  top_p=gen.top_p, repetition_penalty=gen.repetition_penalty, seed=gen.seed + i,
-                                  stop_ids=stop)[0]
-        greedy = engine.generate(ids, max_new_tokens=limit, temperature=0.0, stop_ids=stop)[0]
-        replies.append({"prompt": msgs[-1]["content"], "reply": tok.decode(sampled),
-                        "ended_with_end_of_turn": bool(sampled) and sampled[-1] == tok.end_id,
-                        "tokens": len(sampled), "reply_greedy": tok.decode(greedy),
-                        "greedy_ended_with_end_of_turn": bool(greedy) and greedy[-1] == tok.end_id})
-
-    def share(key: str) -> float | None:
-        return sum(r[key] for r in replies) / len(replies) if replies else None
-
-    return {"end_of_turn_share": share("ended_with_end_of_turn"),
-            "end_of_turn_share_greedy": share("greedy_ended_with_end_of_turn"),
-            "decoding": {"temperature": gen.temperature, "top_k": gen.top_k, "top_p": gen.top_p,
-                         "repetition_penalty": gen.repetition_penalty, "seed": gen.seed},
-            "prompts": len(replies), "prompts_too_long": skipped, "replies": replies}
+    """The messages of evidence.held_out (conversations cut before their first assistant turn)."""
+    from .evidence import held_out
+    return [it["messages"] for it in held_out(sft_val, n)]
 
 
 def measure(model, device, *, domain: Callable[[], Iterable[dict]] | None,
@@ -218,7 +173,8 @@ def _print_evidence(ev: dict) -> None:
     rows = [{"metric": k, "before": fmt(ev["before"][k]), "after": fmt(ev["after"][k])}
             for k in ("domain_val_loss", "general_val_loss", "chat_val_loss")]
     for key, label in (("end_of_turn_share", "end-of-turn share (generate settings)"),
-                       ("end_of_turn_share_greedy", "end-of-turn share (greedy)")):
+                       ("end_of_turn_share_greedy", "end-of-turn share (greedy)"),
+                       ("rouge_l", "ROUGE-L F1 vs references (greedy)")):
         rows.append({"metric": label, "before": fmt(ev["before"].get(key)), "after": fmt(ev["after"].get(key))})
     print_table(rows, ["metric", "before", "after"], title=f"finetune ({ev['mode']}) evidence")
 
@@ -333,13 +289,14 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
                                                  max_batches=cfg.eval.max_batches or cfg.train.eval_batches)
     except UserError:
         pass
-    prompts = held_out_prompts(chat_val_path, eval_prompts)
+    from .evidence import held_out, reply_check
+    prompts = held_out(chat_val_path, eval_prompts)
     max_new = cfg.generate.max_new_tokens
 
     def evidence(m) -> dict:
         out = measure(m, device, domain=domain_eval, general=general_eval, chat=chat_eval)
         if prompts:
-            out.update(reply_check(m, tok, prompts, cfg.generate, device))
+            out.update(reply_check(m, tok, prompts, cfg.generate, device, sampled=fcfg.eval_sampled))
         return out
 
     if dist.is_main:
@@ -399,6 +356,6 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
         _print_evidence(result)
         if after.get("replies"):
             r = after["replies"][0]
-            print(f"held-out prompt: {r['prompt'][:200]!r}\nreply: {r['reply'][:300]!r}")
+            print(f"held-out prompt: {r['prompt'][:200]!r}\nreply: {r['reply_greedy'][:300]!r}")
     teardown()
     return {**summary, "eval": result}

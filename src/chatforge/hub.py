@@ -265,6 +265,8 @@ def read_hf(folder: Path, context: int | None = None) -> tuple[GPT, Tokenizer, d
         def tid(v):
             if isinstance(v, dict):
                 v = v.get("content")
+            if isinstance(v, str) and hf.token_to_id(v) is None:
+                raise UserError(f"{tcfg_path}: token {v!r} is not in {tj}; the tokenizer files disagree")
             return hf.token_to_id(v) if isinstance(v, str) else None
 
         template = tcfg.get("chat_template")
@@ -284,6 +286,8 @@ def read_hf(folder: Path, context: int | None = None) -> tuple[GPT, Tokenizer, d
                 "end_of_turn": eos, "doc": bos if add_bos else (endoftext if endoftext is not None else eos),
                 "add_bos": add_bos}
         tok = Tokenizer(hf, "bpe", json_text=text, chat=chat)
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
     if context:
         model = _with_context(model, context)
     elif cfg.seq_len > DEFAULT_CONTEXT:

@@ -156,11 +156,15 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, vocab).
 
         position_ids: (B, T) positions (default: 0..T-1, offset by the cache). doc_ids: (B, T) document index
         of each token for packed sequences: attention stays inside a document. cache: KV cache for generation.
+        logits_at: (B, T) bool: logits only at these positions, as (N, vocab) in row-major order. Chat
+        fine-tuning learns a few positions per sequence, and with a large vocabulary the head is a big share
+        of the step.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -183,6 +187,8 @@ class GPT(nn.Module):
             x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
+        if logits_at is not None:
+            x = x[logits_at]
         return self.lm_head(self.norm(x))
 
     def num_params(self, non_embedding: bool = False) -> int:

@@ -100,11 +100,16 @@ def seed_everything(seed: int) -> None:
 def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target tokens (!= -100), and how many there are."""
     kwargs = {k: batch[k] for k in ("doc_ids", "position_ids") if k in batch}
-    logits = model(batch["x"], **kwargs)
     y = batch["y"]
+    keep = y != IGNORE
+    n = int(keep.sum())
+    if 0 < n < keep.numel():  # the head and the loss only where there are targets (the same sum)
+        logits = model(batch["x"], logits_at=keep, **kwargs)
+        return F.cross_entropy(logits.float(), y[keep], reduction="sum"), n
+    logits = model(batch["x"], **kwargs)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
-    return loss, int((y != IGNORE).sum())
+    return loss, n
 
 
 @torch.no_grad()

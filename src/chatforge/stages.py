@@ -397,13 +397,13 @@ def _benchmarks(model, tok, tasks, schema, max_items, label) -> list[dict]:
 
 def generate(cfg: Config, paths: RunPaths, prompt: str, stage="auto", which="best", chat=False) -> str:
 
-    engine = _engine(paths, stage, which)
+    engine = _engine(chat_paths(paths, stage), stage, which)
     g = cfg.generate
     kw = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
               repetition_penalty=g.repetition_penalty, seed=g.seed)
     out = []
     stream = engine.chat_stream([{"role": "user", "content": prompt}], **kw) if chat else \
-        engine.stream(engine.tok.encode(prompt), **kw)
+        engine.stream(engine.complete_prompt(prompt), **kw)
     if not chat:
         print(prompt, end="", flush=True)
     for piece in stream:
@@ -411,6 +411,19 @@ def generate(cfg: Config, paths: RunPaths, prompt: str, stage="auto", which="bes
         out.append(piece)
     print()
     return "".join(out)
+
+
+CHAT_MODEL = "chat_model.json"  # in a demo run: which of its models chat/serve/export/generate use
+
+
+def chat_paths(paths: RunPaths, stage: str) -> RunPaths:
+    """The run whose model is used: with --stage auto, a demo run's pick (RUN/chat_model.json), else the run."""
+    pick = paths.root / CHAT_MODEL
+    if stage == "auto" and pick.is_file():
+        sub = json.loads(pick.read_text()).get("run")
+        if sub:
+            return RunPaths(paths.root / sub)
+    return paths
 
 
 def _engine(paths: RunPaths, stage: str, which: str):
@@ -423,7 +436,7 @@ def _engine(paths: RunPaths, stage: str, which: str):
 def chat(cfg: Config, paths: RunPaths, stage="auto", which="best", system: str | None = None) -> None:
     from .chat_cli import run_chat
     g = cfg.generate
-    run_chat(_engine(paths, stage, which), system_prompt=system, max_new_tokens=g.max_new_tokens,
+    run_chat(_engine(chat_paths(paths, stage), stage, which), system_prompt=system, max_new_tokens=g.max_new_tokens,
              temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, repetition_penalty=g.repetition_penalty)
 
 
@@ -432,7 +445,7 @@ def serve_run(cfg: Config, paths: RunPaths, stage="auto", which="best", host="12
     from .serve.app import serve
     if max_batch < 1:
         raise UserError(f"--max-batch must be at least 1 (got {max_batch})")
-    serve(_engine(paths, stage, which), host=host, port=port, api_key=api_key, model_name=cfg.name,
+    serve(_engine(chat_paths(paths, stage), stage, which), host=host, port=port, api_key=api_key, model_name=cfg.name,
           max_batch=max_batch)
 
 
@@ -440,19 +453,20 @@ def export(cfg: Config, paths: RunPaths, out: str | None, stage="auto", which="b
            gguf_type="f32") -> Path:
     if fmt not in ("hf", "gguf"):
         raise UserError(f"export format {fmt!r} is not known; use hf or gguf")
+    out_root, paths = paths.root, chat_paths(paths, stage)
     model, meta, ckpt = _load(paths, stage, which)
     if fmt == "gguf":
         from .gguf_export import check_tokenizer, export_gguf
         from .tokenizer import Tokenizer
         tok = Tokenizer.load(paths.tokenizer)
         check_tokenizer(tok)  # before the guard, so --force never deletes an export it cannot replace
-        out_file = Path(out) if out else paths.root / "export" / f"{cfg.name}-{gguf_type}.gguf"
+        out_file = Path(out) if out else out_root / "export" / f"{cfg.name}-{gguf_type}.gguf"
         _guard(out_file, force, "an export")
         export_gguf(model, tok, out_file, dtype=gguf_type, name=cfg.name)
         print(f"export: {ckpt} -> {out_file} (run with llama.cpp: llama-cli -m {out_file} --jinja -cnv)")
         return out_file
     from .export import export_hf
-    out_dir = Path(out) if out else paths.root / "export" / "hf"
+    out_dir = Path(out) if out else out_root / "export" / "hf"
     _guard(out_dir, force, "an export")
     export_hf(model, paths.tokenizer, out_dir, meta=meta)
     print(f"export: {ckpt} -> {out_dir} (load with transformers.AutoModelForCausalLM.from_pretrained)")
@@ -496,12 +510,13 @@ def answer(engine, questions: list[str], max_new_tokens: int) -> list[dict]:
     for q in questions:
         ids = engine.tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
         gen = engine.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=engine.tok.stop_ids)[0]
-        ended = bool(gen) and gen[-1] in engine.tok.stop_ids
+        ended = bool(gen) and gen[-1] == engine.tok.end_id  # the rule of evidence.reply_check
         out.append({"question": q, "answer": engine.tok.decode(gen), "ended_at_end_of_turn": ended})
     return out
 
 
-def report(cfg: Config, paths: RunPaths, evals: list[dict] | None = None, answers: list[dict] | None = None) -> Path:
+def report(cfg: Config, paths: RunPaths, evals: list[dict] | None = None, answers: list[dict] | None = None,
+           comparison: dict | None = None) -> Path:
     from .report import plot_loss_curves, write_report
 
     curves = {s: getattr(paths, s) / "metrics.jsonl" for s in ("pretrain", "finetune")
@@ -535,7 +550,9 @@ def report(cfg: Config, paths: RunPaths, evals: list[dict] | None = None, answer
         rows = json.loads(f.read_text())
         benchmarks += [{k: v for k, v in r.items() if k not in ("predictions", "samples")}
                        for r in rows if isinstance(r, dict) and "task" in r]
-    sections = {"config": cfg.to_dict(), "evals": evals, "benchmarks": benchmarks, "answers": answers or [], "notes": notes,
+    if comparison is None and (paths.root / "eval" / "comparison.json").is_file():
+        comparison = json.loads((paths.root / "eval" / "comparison.json").read_text())
+    sections = {"comparison": comparison, "config": cfg.to_dict(), "evals": evals, "benchmarks": benchmarks, "answers": answers or [], "notes": notes,
                 "plots": ["loss.png"] if curves else [], "samples": [{k: v for k, v in x.items() if k != "step"}
                                                                    for x in samples],
                 "tokenizer": json.loads(tok_stats.read_text()) if tok_stats.exists() else None}
@@ -543,6 +560,8 @@ def report(cfg: Config, paths: RunPaths, evals: list[dict] | None = None, answer
 
 
 def demo(cfg: Config, paths: RunPaths, force: bool = False) -> Path:
+    """Every stage from scratch on the run's data, then (cfg.demo.pretrained) the same chat fine-tuning of a real
+    pre-trained model in RUN/pretrained; chat/serve/export of RUN use whichever answers held-out questions better."""
     from .engine import Engine
     from .report import print_table
     from .tokenizer import Tokenizer
@@ -553,23 +572,32 @@ def demo(cfg: Config, paths: RunPaths, force: bool = False) -> Path:
                             f"(or choose another --run-dir)")
         shutil.rmtree(paths.root)
     t0 = time.time()
+    n = 9 if cfg.demo.pretrained else 7
+    times: dict[str, float] = {}
     steps = [("prepare", lambda: prepare(cfg, paths)), ("tokenizer", lambda: tokenizer(cfg, paths)),
              ("encode", lambda: encode(cfg, paths)), ("pretrain", lambda: pretrain(cfg, paths))]
     for i, (name, fn) in enumerate(steps, 1):
-        print(f"\n== [{i}/7] {name}")
+        print(f"\n== [{i}/{n}] {name}")
+        t = time.time()
         result = fn()
+        times[name] = time.time() - t
         if isinstance(result, dict) and result.get("interrupted"):
             raise UserError(f"{name} was interrupted (its checkpoint is saved); continue with "
                             f"`chatforge {name} {paths.root} --resume`, then the later stages")
     tok = Tokenizer.load(paths.tokenizer)
-    print("\n== [5/7] eval (base model)")
+    print(f"\n== [5/{n}] eval (base model)")
+    t = time.time()
     base, _, _ = _load(paths, "pretrain", "best")
     rows = _rows("base", evaluate_splits(base, tok, paths, cfg))
-    print("\n== [6/7] finetune")
+    times["eval"] = time.time() - t
+    print(f"\n== [6/{n}] finetune")
+    t = time.time()
     if finetune(cfg, paths).get("interrupted"):
         raise UserError(f"finetune was interrupted (its checkpoint is saved); continue with "
                         f"`chatforge finetune {paths.root} --resume`")
-    print("\n== [7/7] eval (fine-tuned) and chat")
+    times["finetune"] = time.time() - t
+    print(f"\n== [7/{n}] eval (fine-tuned) and chat")
+    t = time.time()
     tuned, _, _ = _load(paths, "finetune", "best")
     rows += _rows("fine-tuned", evaluate_splits(tuned, tok, paths, cfg))
     print_table(rows, METRIC_COLUMNS, title="validation")
@@ -579,10 +607,88 @@ def demo(cfg: Config, paths: RunPaths, force: bool = False) -> Path:
     (paths.root / "eval" / "answers.json").write_text(json.dumps(answers, indent=2))
     for a in answers:
         print(f"\nQ: {a['question']}\nA: {a['answer']}")
-    rep = report(cfg, paths, rows, answers)
-    print(f"\ndemo finished in {time.time() - t0:.0f} s. Report: {rep}\n"
+    times["eval fine-tuned"] = time.time() - t
+    comparison = None
+    if cfg.demo.pretrained:
+        print(f"\n== [8/{n}] a pre-trained model ({cfg.demo.pretrained}): import, fine-tune on the same chats")
+        t = time.time()
+        pre = _demo_pretrained(cfg, paths)
+        times["pretrained: import + finetune"] = time.time() - t
+        print(f"\n== [9/{n}] compare on the same held-out questions")
+        if pre is not None:
+            label = Path(cfg.demo.pretrained).stem if cfg.demo.pretrained.endswith(".gguf") else \
+                Path(cfg.demo.pretrained).name
+            comparison = compare_chat_models(paths, {"from scratch": paths, label: pre})
+    rep = report(cfg, paths, rows, answers, comparison=comparison)
+    (paths.root / "eval" / "demo_times.json").write_text(json.dumps(times, indent=2))
+    split = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+    print(f"\ndemo finished in {time.time() - t0:.0f} s ({split}). Report: {rep}\n"
           f"chat with it:  chatforge chat {paths.root}")
     return rep
+
+
+def _demo_pretrained(cfg: Config, paths: RunPaths) -> RunPaths | None:
+    """Import cfg.demo.pretrained into RUN/pretrained and fine-tune it on RUN's chat set with cfg.demo.finetune;
+    None when a named model cannot be downloaded (one line says so; the demo goes on without it)."""
+    import copy
+
+    from .data.prepare import iter_documents
+    from .data.shards import write_shards
+    from .hub import KNOWN
+    from .tokenizer import Tokenizer
+
+    sub = RunPaths(paths.root / "pretrained")
+    scfg = copy.deepcopy(cfg)
+    scfg.name, scfg.finetune = f"{cfg.name}-pretrained", copy.deepcopy(cfg.demo.finetune)
+    try:
+        import_model(scfg, sub, cfg.demo.pretrained)
+    except UserError as e:
+        if cfg.demo.pretrained in KNOWN and "could not download" in str(e):
+            print(f"demo: {cfg.demo.pretrained} could not be downloaded (no network?); the demo goes on with the "
+                  f"from-scratch model alone")
+            shutil.rmtree(sub.root, ignore_errors=True)
+            return None
+        raise
+    sub.data.mkdir(parents=True, exist_ok=True)
+    for f in ("sft_train.jsonl", "sft_val.jsonl", "sft_manifest.json"):  # the same chats, the same split
+        if (paths.data / f).is_file():
+            shutil.copyfile(paths.data / f, sub.data / f)
+    # Forgetting: the run's validation text in this model's tokens (its general-text loss before and after).
+    write_shards(Tokenizer.load(sub.tokenizer), iter_documents(paths.data, "val"), sub.tokens / "val")
+    if finetune(scfg, sub).get("interrupted"):
+        raise UserError(f"finetune was interrupted (its checkpoint is saved); continue with "
+                        f"`chatforge finetune {sub.root} --resume`")
+    return sub
+
+
+def compare_chat_models(paths: RunPaths, runs: dict[str, RunPaths]) -> dict:
+    """Held-out answers of each run's fine-tuned model (from its finetune_eval.json), side by side; the one
+    with the higher ROUGE-L becomes the run's chat model (RUN/chat_model.json)."""
+    evs = {label: json.loads((p.finetune / "finetune_eval.json").read_text()) for label, p in runs.items()}
+    rows = []
+    for label, ev in evs.items():
+        a, b = ev["after"], ev["before"]
+        rows.append({"model": label, "ROUGE-L before": b.get("rouge_l"), "ROUGE-L after": a.get("rouge_l"),
+                     "end-of-turn before": b.get("end_of_turn_share_greedy"),
+                     "end-of-turn after": a.get("end_of_turn_share_greedy"),
+                     "general loss before": b.get("general_val_loss"), "general loss after": a.get("general_val_loss"),
+                     "questions": a.get("prompts")})
+    best = max(rows, key=lambda r: r["ROUGE-L after"] or 0.0)["model"]
+    sub = runs[best].root.relative_to(paths.root).as_posix() if runs[best].root != paths.root else ""
+    (paths.root / CHAT_MODEL).write_text(json.dumps({"run": sub, "model": best, "by": "ROUGE-L F1 of greedy replies "
+                                                     "to the held-out questions", "scores": rows}, indent=2))
+    answers: dict[str, dict] = {}
+    for label, ev in evs.items():
+        for r in ev["after"].get("replies", []):
+            q = answers.setdefault(r["prompt"], {"question": r["prompt"], "reference": r.get("reference")})
+            q[label] = r["reply_greedy"]
+    from .report import print_table
+    print_table(rows, list(rows[0]), title="fine-tuned models on the same held-out questions")
+    print(f"chat/serve/export of {paths.root} use: {best}")
+    out = {"rows": rows, "best": best, "answers": list(answers.values()), "models": list(runs)}
+    (paths.root / "eval").mkdir(exist_ok=True)
+    (paths.root / "eval" / "comparison.json").write_text(json.dumps(out, indent=2, default=float))
+    return out
 
 
 # ---------------------------------------------------------------- dispatch

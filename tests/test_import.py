@@ -319,3 +319,58 @@ def test_no_network_for_a_named_model_is_one_line_and_the_demo_goes_on(tmp_path,
     out = capsys.readouterr().out
     assert "could not be downloaded" in out and (run / "report.md").is_file()
     assert not (run / "pretrained").exists() and not (run / "chat_model.json").exists()
+
+
+@pytest.mark.parametrize("seed,stops", [(0, True), (2, False)])  # seed 0's reply ends at <|im_end|>, 2's runs on
+def test_imported_model_serves_chat_that_stops_at_its_end_of_turn(tmp_path, seed, stops):
+    """The OpenAI API on an imported model: its ChatML prompt, and it stops where the engine stops (at
+    <|im_end|> or <|endoftext|>), never showing the token."""
+    from chatforge.engine import Engine
+    from chatforge.serve import create_app
+    from test_serve import Server
+    openai = pytest.importorskip("openai")
+
+    gg = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gg, "F32", seed=seed)
+    model, tok, _ = read_gguf(gg)
+    eng = Engine(model, tok)
+    msgs = [{"role": "user", "content": "Hi"}]
+    ids = tok.render_chat(msgs, add_generation_prompt=True)[0]
+    assert tok.decode(ids, skip_special=False).endswith("<|im_start|>assistant\n")
+    want = eng.generate(ids, max_new_tokens=60, temperature=0.0, stop_ids=tok.stop_ids)[0]
+    stopped = want[-1] in tok.stop_ids
+    assert stopped == stops and (not stops or want[-1] == tok.end_id)
+    with Server(create_app(eng, model_name="tiny")) as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x")
+        r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=60, temperature=0)
+        assert r.choices[0].finish_reason == ("stop" if stopped else "length")
+        assert r.choices[0].message.content == tok.decode(want[:-1] if stopped else want)
+
+
+def test_imported_model_continued_pretraining_and_lora_sft(tmp_path):
+    """Both fine-tuning modes run on an imported model; the loss on the learned data falls."""
+    from chatforge.config import load_config
+    from chatforge.finetune import run_finetune
+    from chatforge.paths import RunPaths
+    from chatforge.stages import import_model
+
+    gg = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gg, "Q8_0")
+    domain = tmp_path / "domain"
+    domain.mkdir()
+    for i in range(40):
+        (domain / f"d{i}.txt").write_text(f"Document {i}: the parser reads line {i} and splits it on commas.\n" * 3)
+    cfg = load_config("tiny", ["finetune.steps=12", "finetune.eval_every=0", "finetune.lr=0.01",
+                               "finetune.batch_size=4", "finetune.seq_len=64", "data.val_fraction=0.2", "data.min_chars=8"])
+    paths = RunPaths(tmp_path / "run")
+    import_model(cfg, paths, str(gg))
+    ev = run_finetune(cfg, paths, mode="cpt", inputs=[str(domain)], eval_prompts=0)["eval"]
+    assert ev["after"]["domain_val_loss"] < ev["before"]["domain_val_loss"] - 0.5
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus one?"},
+                                                      {"role": "assistant", "content": f"It is {i + 1}."}]}) + "\n"
+                             for i in range(60)))
+    cfg2 = load_config("tiny", ["finetune.steps=12", "finetune.eval_every=0", "finetune.lr=0.01",
+                                "finetune.batch_size=4", "finetune.lora_rank=8"])
+    ev2 = run_finetune(cfg2, paths, inputs=[str(chats)], eval_prompts=2, force=True)["eval"]
+    assert ev2["lora"]["rank"] == 8 and ev2["after"]["chat_val_loss"] < ev2["before"]["chat_val_loss"] - 0.5

@@ -318,24 +318,33 @@ def test_cpu_peak_keeps_the_best_rate_seen_here(tmp_path, monkeypatch):
     assert _best_seen_cpu_peak(50e9) == 50e9  # a damaged cache file is replaced, never an error
 
 
-def test_loss_on_target_positions_only_equals_the_full_head():
-    """loss_sum computes the head only where y has targets: same loss and gradients as the full head."""
-    from chatforge.config import ModelConfig
+@pytest.mark.parametrize("packed", [False, True])
+def test_loss_on_target_positions_only_equals_the_full_model(packed):
+    """loss_sum runs the head only where y has targets, and the model only up to each row's last target:
+    the same loss and gradients as the whole model on every position."""
     from chatforge.model import GPT
     from chatforge.train import IGNORE, loss_sum
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, seq_len=16, vocab_size=50))
+    model = GPT(ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, seq_len=16, vocab_size=50, qk_norm=True))
     x = torch.randint(0, 50, (3, 16))
     y = torch.randint(0, 50, (3, 16))
-    y[:, :9] = IGNORE
-    y[1, 12] = IGNORE
-    s, n = loss_sum(model, {"x": x, "y": y})
+    y[:, :5] = IGNORE
+    y[0, 11:] = IGNORE  # tails after the last target: those positions are not computed
+    y[2, 7:] = IGNORE
+    y[1, 9] = IGNORE
+    batch = {"x": x, "y": y}
+    if packed:
+        batch["doc_ids"] = torch.tensor([[0] * 6 + [1] * 10, [0] * 16, [0] * 3 + [1] * 13])
+        batch["position_ids"] = torch.cat([torch.arange(6), torch.arange(10)]).expand(3, 16).clone()
+    s, n = loss_sum(model, batch)
     s.backward()
-    g = model.layers[0].mlp.up_proj.weight.grad.clone()
+    grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    full = torch.nn.functional.cross_entropy(model(x).reshape(-1, 50), y.reshape(-1), ignore_index=IGNORE,
+    kw = {k: v for k, v in batch.items() if k in ("doc_ids", "position_ids")}
+    full = torch.nn.functional.cross_entropy(model(x, **kw).reshape(-1, 50), y.reshape(-1), ignore_index=IGNORE,
                                              reduction="sum")
     full.backward()
-    assert n == int((y != IGNORE).sum()) == 20
+    assert n == int((y != IGNORE).sum())
     assert torch.allclose(s, full, atol=1e-5)
-    assert torch.allclose(g, model.layers[0].mlp.up_proj.weight.grad, atol=1e-6)
+    for g, p in zip(grads, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-6)

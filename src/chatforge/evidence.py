@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-BATCH = 8  # prompts decoded together: a real model's decode step costs about the same for 1 row or 8
+BATCH = 16  # prompts decoded together: a 135M model decodes 16 rows at ~6x the tokens/s of one (CPU)
 
 
 def held_out(sft_val: Path, n: int) -> list[dict]:

@@ -162,8 +162,13 @@ def measure(model, device, *, domain: Callable[[], Iterable[dict]] | None,
     """Mean loss per target token on each validation set given (None when a set is unavailable)."""
     from .train import evaluate
 
-    return {name: (evaluate(model, fn(), device) if fn is not None else None)
-            for name, fn in (("domain_val_loss", domain), ("general_val_loss", general), ("chat_val_loss", chat))}
+    done: dict = {}  # chat SFT's domain and chat sets are the same: evaluated once
+    out = {}
+    for name, fn in (("domain_val_loss", domain), ("general_val_loss", general), ("chat_val_loss", chat)):
+        if fn is not None and fn not in done:
+            done[fn] = evaluate(model, fn(), device)
+        out[name] = done.get(fn) if fn is not None else None
+    return out
 
 
 def _print_evidence(ev: dict) -> None:

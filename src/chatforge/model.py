@@ -79,7 +79,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, rows=None):
+        if rows is not None:
+            return self._forward_rows(x, cos, sin, mask, *rows)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -96,6 +98,26 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _forward_rows(self, x, cos, sin, mask, sel, B, T):
+        """x (N, C): the positions sel = (batch index, time index) of a (B, T) batch, a causal prefix of each
+        row. Projections run on those N rows only; attention runs on (B, T) tensors where the other positions
+        are zeros, which no selected query sees (they come after it)."""
+        N, D = x.shape[0], self.head_dim
+        q = self.q_proj(x).view(N, self.n_head, D)
+        k = self.k_proj(x).view(N, self.n_kv_head, D)
+        v = self.v_proj(x).view(N, self.n_kv_head, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        def spread(t):  # (N, heads, D) -> (B, heads, T, D)
+            return t.new_zeros(B, T, t.shape[1], D).index_put(sel, t).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(
+            spread(q), spread(k), spread(v), attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2)[sel].reshape(N, -1))
 
 
 class MLP(nn.Module):
@@ -119,8 +141,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+    def forward(self, x, cos, sin, mask=None, cache=None, rows=None):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, rows))
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -157,14 +179,15 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                logits_at: torch.Tensor | None = None, active: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, vocab).
 
         position_ids: (B, T) positions (default: 0..T-1, offset by the cache). doc_ids: (B, T) document index
         of each token for packed sequences: attention stays inside a document. cache: KV cache for generation.
         logits_at: (B, T) bool: logits only at these positions, as (N, vocab) in row-major order. Chat
         fine-tuning learns a few positions per sequence, and with a large vocabulary the head is a big share
-        of the step.
+        of the step. active: (B, T) bool, a causal prefix of each row (e.g. up to its last target): only
+        those positions are computed (training without a cache); logits_at must then lie inside it.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -182,9 +205,16 @@ class GPT(nn.Module):
         elif cache is not None and start > 0 and T > 1:
             # A chunk after a filled cache: each new token sees the whole cache plus the causal part of the chunk.
             mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        rows = None
+        if active is not None and cache is None:  # (N, C) activations of the selected positions only
+            sel = active.nonzero(as_tuple=True)
+            rows = (sel, B, T)
+            idx, cos, sin = idx[sel], cos.squeeze(1)[sel].unsqueeze(1), sin.squeeze(1)[sel].unsqueeze(1)
+            if logits_at is not None:
+                logits_at = logits_at[sel]
         x = self.embed_tokens(idx)
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache)
+            x = block(x, cos, sin, mask, cache, rows)
         if cache is not None:
             cache.pos += T
         if logits_at is not None:

@@ -397,7 +397,7 @@ def _benchmarks(model, tok, tasks, schema, max_items, label) -> list[dict]:
 
 def generate(cfg: Config, paths: RunPaths, prompt: str, stage="auto", which="best", chat=False) -> str:
 
-    engine = _engine(chat_paths(paths, stage), stage, which)
+    engine = _engine(chat_paths(paths, stage), stage, which, cfg.generate.weights)
     g = cfg.generate
     kw = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
               repetition_penalty=g.repetition_penalty, seed=g.seed)
@@ -426,17 +426,17 @@ def chat_paths(paths: RunPaths, stage: str) -> RunPaths:
     return paths
 
 
-def _engine(paths: RunPaths, stage: str, which: str):
+def _engine(paths: RunPaths, stage: str, which: str, weights: str = "fp32"):
     from .engine import Engine
     from .tokenizer import Tokenizer
     model, meta, ckpt = _load(paths, stage, which)
-    return Engine(model, Tokenizer.load(paths.tokenizer), device="auto")
+    return Engine(model, Tokenizer.load(paths.tokenizer), device="auto", weights=weights)
 
 
 def chat(cfg: Config, paths: RunPaths, stage="auto", which="best", system: str | None = None) -> None:
     from .chat_cli import run_chat
     g = cfg.generate
-    run_chat(_engine(chat_paths(paths, stage), stage, which), system_prompt=system, max_new_tokens=g.max_new_tokens,
+    run_chat(_engine(chat_paths(paths, stage), stage, which, g.weights), system_prompt=system, max_new_tokens=g.max_new_tokens,
              temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, repetition_penalty=g.repetition_penalty)
 
 
@@ -445,7 +445,7 @@ def serve_run(cfg: Config, paths: RunPaths, stage="auto", which="best", host="12
     from .serve.app import serve
     if max_batch < 1:
         raise UserError(f"--max-batch must be at least 1 (got {max_batch})")
-    serve(_engine(chat_paths(paths, stage), stage, which), host=host, port=port, api_key=api_key, model_name=cfg.name,
+    serve(_engine(chat_paths(paths, stage), stage, which, cfg.generate.weights), host=host, port=port, api_key=api_key, model_name=cfg.name,
           max_batch=max_batch)
 
 
@@ -640,6 +640,7 @@ def _demo_pretrained(cfg: Config, paths: RunPaths) -> RunPaths | None:
     sub = RunPaths(paths.root / "pretrained")
     scfg = copy.deepcopy(cfg)
     scfg.name, scfg.finetune = f"{cfg.name}-pretrained", copy.deepcopy(cfg.demo.finetune)
+    scfg.eval.max_batches = cfg.demo.eval_batches
     try:
         import_model(scfg, sub, cfg.demo.pretrained)
     except UserError as e:

@@ -97,6 +97,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of logits (N, V) against y (N,). The forward keeps softmax - one_hot, the gradient,
+    so the backward is one multiply (F.cross_entropy's goes through log-softmax's backward: on a 49k
+    vocabulary about a third slower on CPU). Same loss; gradients equal to float rounding."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, -1, keepdim=True)
+        loss = (lse.squeeze(1) - logits.gather(1, y[:, None]).squeeze(1)).sum()
+        grad = (logits - lse).exp_()
+        grad[torch.arange(len(y), device=y.device), y] -= 1
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(g), None  # the graph is used once (no retain_graph in training)
+
+
+ACTIVE_SHARE = 0.95  # compute only up to each row's last target when that leaves out 5% of positions or more
+
+
 def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target tokens (!= -100), and how many there are."""
     kwargs = {k: batch[k] for k in ("doc_ids", "position_ids") if k in batch}
@@ -104,8 +127,12 @@ def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     keep = y != IGNORE
     n = int(keep.sum())
     if 0 < n < keep.numel():  # the head and the loss only where there are targets (the same sum)
+        # Positions after a row's last target change no loss: skip them when that saves enough.
+        active = keep.flip(1).cummax(1).values.flip(1)
+        if int(active.sum()) < ACTIVE_SHARE * active.numel():
+            kwargs["active"] = active
         logits = model(batch["x"], logits_at=keep, **kwargs)
-        return F.cross_entropy(logits.float(), y[keep], reduction="sum"), n
+        return _SoftmaxCrossEntropy.apply(logits.float(), y[keep]), n
     logits = model(batch["x"], **kwargs)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")

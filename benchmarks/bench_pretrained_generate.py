@@ -2,6 +2,8 @@
 
 Both read the same GGUF file (Q4_1, dequantized to fp32 by each); the greedy tokens must be identical.
     python benchmarks/bench_pretrained_generate.py [--new-tokens 96 --rounds 5 --threads 1] [--int4] [--ppl]
+With llama-cpp-python importable, llama.cpp decodes the same file too (its own Q4_1 kernels; timed, its
+tokens counted against fp32 but not required to match).
 Rounds alternate the order of the engines; the ratio printed is the median of the per-round ratios (on a
 shared machine the load drifts: a pair run back to back sees about the same). --int4 also times
 Engine(weights="int4") (its tokens may differ: counted, not required); --ppl measures the perplexity of
@@ -103,6 +105,13 @@ def main() -> None:
     model, tok, _ = read_gguf(path)
     engine = Engine(model, tok)
     q_engine = Engine(model, tok, weights="int4") if args.int4 or args.ppl else None
+    try:  # optional peer: llama-cpp-python compiles llama.cpp (~25 min), so it is never a dependency
+        import llama_cpp
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
+        print(f"llama.cpp: llama-cpp-python {llama_cpp.__version__} on the same file")
+    except ImportError:
+        llm = None
+        print("llama.cpp: llama-cpp-python not installed (pip install llama-cpp-python: compiles ~25 min); skipped")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                            dtype=torch.float32).eval()
     n = args.new_tokens
@@ -130,6 +139,15 @@ def main() -> None:
                                    pad_token_id=tok.pad_id, max_new_tokens=n)[0, len(ids):].tolist()
 
         runs = {"chatforge": ours, "transformers": theirs} | ({"int4": quant} if args.int4 else {})
+        if llm is not None:
+            def llama():  # llama.cpp on the file as it is (Q4_1 kernels), greedy
+                out = []
+                for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+                    out.append(int(t))
+                    if len(out) == n:
+                        break
+                return out
+            runs["llama.cpp"] = llama
         outs = {k: fn() for k, fn in runs.items()}  # warm-up: allocator, kernels, prepared weights
         if outs["chatforge"] != outs["transformers"]:
             print(f"{name}: greedy tokens DIFFER between chatforge and transformers")
@@ -151,6 +169,12 @@ def main() -> None:
             first = next((i for i, (a, b) in enumerate(zip(outs["int4"], outs["transformers"])) if a != b), None)
             line += (f" | int4 {n / med(times['int4']):6.1f} tok/s, {med(q_ratios):.2f}x, "
                      f"same tokens up to {n if first is None else first} ({same}/{n} equal)")
+        if llm is not None:
+            same = sum(a == b for a, b in zip(outs["llama.cpp"], outs["transformers"]))
+            line += (f" | llama.cpp (Q4_1) {n / med(times['llama.cpp']):6.1f} tok/s, chatforge fp32 at "
+                     f"{med(times['llama.cpp']) / med(times['chatforge']):.2f}x of it"
+                     + (f", int4 at {med(times['llama.cpp']) / med(times['int4']):.2f}x" if args.int4 else "")
+                     + f" ({same}/{n} tokens equal to fp32)")
         print(line, flush=True)
     print(f"speed ratio chatforge/transformers: {statistics.median(ratios_all):.2f}x "
           f"(median of {len(ratios_all)} paired rounds over all prompts)")

@@ -374,3 +374,24 @@ def test_imported_model_continued_pretraining_and_lora_sft(tmp_path):
                                 "finetune.batch_size=4", "finetune.lora_rank=8"])
     ev2 = run_finetune(cfg2, paths, inputs=[str(chats)], eval_prompts=2, force=True)["eval"]
     assert ev2["lora"]["rank"] == 8 and ev2["after"]["chat_val_loss"] < ev2["before"]["chat_val_loss"] - 0.5
+
+
+def test_eval_on_an_imported_run(tmp_path, capsys):
+    """Perplexity and bits per byte of an imported model on the user's text; without text, a one-line hint."""
+    gg = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gg, "F32")
+    run = tmp_path / "run"
+    assert main(["import", str(gg), "--run-dir", str(run)]) == 0
+    text = tmp_path / "notes.txt"
+    text.write_text("\n".join(TEXT[:8]))
+    assert main(["eval", str(run), "--file", str(text)]) == 0
+    rows = json.loads(next((run / "eval").glob("*_file.json")).read_text())
+    model, tok, _ = read_gguf(gg)
+    ids = tok.encode(text.read_text())
+    with torch.no_grad():  # the same loss from the model directly: every token after the first, one window
+        logits = model(torch.tensor([ids[:-1]]))
+        want = torch.nn.functional.cross_entropy(logits[0], torch.tensor(ids[1:])).item()
+    assert abs(rows[0]["loss"] - want) < 1e-4 and rows[0]["bpb"] > 0
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 2
+    assert "--file" in capsys.readouterr().err

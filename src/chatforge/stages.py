@@ -310,10 +310,15 @@ def evaluate_splits(model, tok, paths: RunPaths, cfg: Config) -> dict:
     seq_len = model.cfg.seq_len
     token_bytes = np.asarray(tok.token_bytes_lengths())
     out = {}
-    val = _val_arrays(paths, tok)
-    out["text val"] = evaluate_lm(model, iter_eval_batches(val, cfg.eval.batch_size, seq_len,
-                                                           max_batches=cfg.eval.max_batches), token_bytes=token_bytes)
     sft_val = paths.data / "sft_val.jsonl"
+    if not (paths.tokens / "val").is_dir() and not sft_val.exists():
+        raise UserError(f"{paths.root} has no validation split (an imported model?): evaluate with --file TEXT or "
+                        f"--task NAME, or build one with `chatforge prepare` and `chatforge encode`")
+    if (paths.tokens / "val").is_dir() or not sft_val.exists():
+        val = _val_arrays(paths, tok)
+        out["text val"] = evaluate_lm(model, iter_eval_batches(val, cfg.eval.batch_size, seq_len,
+                                                               max_batches=cfg.eval.max_batches),
+                                      token_bytes=token_bytes)
     if sft_val.exists():
         ex, _ = _sft_examples(tok, sft_val, seq_len)
         out["chat val"] = evaluate_lm(model, iter_sft_eval_batches(ex, cfg.eval.batch_size, seq_len, pad_id=tok.pad_id),

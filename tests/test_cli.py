@@ -89,3 +89,19 @@ def test_config_overrides_and_types():
         load_config("tiny", ["train.steps=many"])
     with pytest.raises(UserError, match="key.sub=value"):
         load_config("tiny", ["train.steps"])
+
+
+def test_overrides_after_a_list_option_are_overrides(tmp_path):
+    """`prepare --input DIR data.max_docs=3`: the override is applied, not read as an input path."""
+    import json
+    d = tmp_path / "docs"
+    d.mkdir()
+    for i in range(8):
+        (d / f"{i}.txt").write_text(f"Document number {i} has enough words to be kept by the filters.\n" * 3)
+    run = tmp_path / "run"
+    r = cli("prepare", "--config", "tiny", "--run-dir", str(run), "--input", str(d), "data.max_docs=3",
+            "data.min_chars=8")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((run / "data" / "manifest.json").read_text())
+    assert sum(s["documents"] for s in m["splits"].values()) == 3
+    assert "max_docs: 3" in (run / "config.yaml").read_text()

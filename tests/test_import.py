@@ -395,3 +395,24 @@ def test_eval_on_an_imported_run(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run)]) == 2
     assert "--file" in capsys.readouterr().err
+
+
+def test_unsupported_architecture_is_one_line_and_report_works_on_an_imported_run(tmp_path, capsys):
+    from gguf import GGUFWriter
+    odd = tmp_path / "falcon.gguf"
+    w = GGUFWriter(str(odd), "falcon")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert main(["import", str(odd), "--run-dir", str(tmp_path / "r1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "architecture 'falcon' is not supported" in err and err.count("\n") == 0
+    assert not (tmp_path / "r1").exists() or not any((tmp_path / "r1").iterdir())
+    gg = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gg, "F32")
+    run = tmp_path / "run"
+    assert main(["import", str(gg), "--run-dir", str(run)]) == 0
+    assert main(["report", str(run)]) == 0 and (run / "report.md").is_file()

@@ -87,6 +87,10 @@ def test_models_and_health(server, client):
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "tiny-test" in page.text and "getReader" in page.text
+    assert client.models.retrieve("tiny-test").id == "tiny-test"  # GET /v1/models/{id}
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found"
 
 
 def test_chat_non_stream_and_stream(engine, client):

@@ -115,6 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _overrides_anywhere(args: argparse.Namespace) -> None:
+    """`--input DIR data.near_dedup=true`: a list option swallows what follows it; a key=value item that is not
+    an existing path is a config override wherever it stands."""
+    import re
+    from pathlib import Path
+
+    for name in ("input", "sft_input", "task", "parts"):
+        items = getattr(args, name, None)
+        if not items:
+            continue
+        moved = [i for i in items if re.fullmatch(r"[A-Za-z_][\w.]*=.*", i) and not Path(i).exists()]
+        if moved:
+            setattr(args, name, [i for i in items if i not in moved] or None)
+            args.overrides = list(getattr(args, "overrides", None) or []) + moved
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -127,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    _overrides_anywhere(args)
     from . import stages  # imported late so --help stays fast
 
     try:

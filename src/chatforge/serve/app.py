@@ -254,10 +254,18 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
         params = sampling(body, len(ids))
         return await respond(body, ids, params, engine.tok.stop_ids, "completion")
 
+    card = {"id": model_name, "object": "model", "created": 0, "owned_by": "chatforge", "max_model_len": ctx}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "chatforge", "max_model_len": ctx}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):  # the openai client's models.retrieve
+        if model_id != model_name:
+            raise APIError(404, f"The model '{model_id}' does not exist; this server has '{model_name}'", "model",
+                           "model_not_found")
+        return card
 
     @app.get("/health")
     async def health():

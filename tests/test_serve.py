@@ -139,6 +139,16 @@ def test_sse_wire_format(server):
     (json.dumps({"messages": MSGS, "temperature": "hot"}).encode(), "temperature"),
     (json.dumps({"messages": [{"role": "user", "content": "fox " * 200}]}).encode(), "messages"),
     (json.dumps({"messages": MSGS, "max_tokens": 90}).encode(), "max_tokens"),  # prompt + 90 > 96
+    # Found by outside testing: each of these gave 500 (or 200) before.
+    (b"[" * 100_000 + b"]" * 100_000, None),  # nested too deep for the JSON parser
+    (json.dumps({"messages": [{"role": ["user"], "content": "hi"}]}).encode(), "messages[0].role"),
+    (json.dumps({"messages": [{"role": {"a": 1}, "content": "hi"}]}).encode(), "messages[0].role"),
+    (json.dumps({"messages": MSGS, "seed": 2 ** 70}).encode(), "seed"),
+    (json.dumps({"messages": MSGS, "stream": True, "stream_options": "yes"}).encode(), "stream_options"),
+    (b'{"messages": ' + json.dumps(MSGS).encode() + b', "temperature": NaN}', "temperature"),
+    (b'{"messages": ' + json.dumps(MSGS).encode() + b', "repetition_penalty": NaN}', "repetition_penalty"),
+    (b'{"messages": ' + json.dumps(MSGS).encode() + b', "top_p": NaN}', "top_p"),
+    (b'{"messages": ' + json.dumps(MSGS).encode() + b', "temperature": Infinity}', "temperature"),
 ])
 def test_bad_requests_get_openai_errors(server, body, param):
     r = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -47,8 +48,8 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float, *, integ
     if v is None:
         return default
     ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok_type:
-        raise APIError(400, f"'{key}' must be {'an integer' if integer else 'a number'}", key, "invalid_type")
+    if isinstance(v, bool) or not ok_type or (isinstance(v, float) and not math.isfinite(v)):
+        raise APIError(400, f"'{key}' must be {'an integer' if integer else 'a finite number'}", key, "invalid_type")
     if v < lo or v > hi or (lo_open and v == lo):
         raise APIError(400, f"'{key}' must be {'>' if lo_open else '>='} {lo} and <= {hi}; got {v}", key,
                        "invalid_value")
@@ -115,6 +116,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"request body is not valid JSON: {e}", None, "invalid_json")
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply", None, "invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object", None, "invalid_json")
         return body
@@ -138,8 +141,10 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
                                      and len(stop) <= 4):
             raise APIError(400, "'stop' must be a string or a list of at most 4 strings", "stop", "invalid_type")
         seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise APIError(400, "'seed' must be an integer", "seed", "invalid_type")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+            raise APIError(400, "'seed' must be an integer from 0 to 2**63 - 1", "seed", "invalid_type")
+        if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+            raise APIError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
         if not isinstance(body.get("stream", False), bool):
             raise APIError(400, "'stream' must be true or false", "stream", "invalid_type")
         return dict(
@@ -230,7 +235,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
             if not isinstance(m, dict):
                 raise APIError(400, f"messages[{i}] must be an object", f"messages[{i}]", "invalid_messages")
             role = m.get("role")
-            if role not in ROLES:
+            if not isinstance(role, str) or role not in ROLES:
                 raise APIError(400, f"messages[{i}].role {role!r} is not supported; use system, user or assistant",
                                f"messages[{i}].role", "invalid_role")
             clean.append({"role": ROLES[role], "content": _content(m, i)})

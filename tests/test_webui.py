@@ -94,3 +94,33 @@ def test_web_chat_streams_a_reply(server_url):
         finally:
             browser.close()
     assert shot.stat().st_size > 1000
+
+
+def test_default_settings_work_and_a_rejected_message_leaves_the_history(server_url):
+    """Found by outside testing: the page's default max tokens failed every message, and a rejected long
+    message stayed in the history so every later message failed too."""
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(server_url + "/")
+            page.wait_for_function("document.getElementById('max_tokens').value === '128'", timeout=10_000)
+
+            def say(text: str) -> None:
+                n = len(page.query_selector_all(".msg"))
+                page.fill("#input", text)
+                page.click("#send")
+                page.wait_for_function(f"document.querySelectorAll('.msg').length > {n + 1}"
+                                       " && !document.getElementById('send').disabled", timeout=60_000)
+
+            say("Hello there")  # the page's own defaults: no error
+            assert page.query_selector(".msg.error") is None, page.inner_text(".msg.error")
+            say("fox " * 300)  # longer than the 128-token context: refused
+            assert "left out of the conversation" in page.inner_text(".msg.error")
+            say("Hello again")  # works: the refused message is not sent again, the oldest exchange is dropped
+            assert len(page.query_selector_all(".msg.error")) == 1
+            notes = page.query_selector_all(".msg.note")  # if the first reply filled the context, it was dropped
+            assert all("left out to fit the context" in n.inner_text() for n in notes)
+            assert page.eval_on_selector_all(".msg.assistant", "els => els[els.length - 1].textContent").strip()
+        finally:
+            browser.close()

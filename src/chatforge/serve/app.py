@@ -73,7 +73,7 @@ def _content(m: dict, i: int) -> str:
     raise APIError(400, f"messages[{i}].content must be a string", f"messages[{i}].content", "invalid_content")
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None, default_max_tokens: int = 256,
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, default_max_tokens: int | None = None,
                max_batch: int = 8) -> FastAPI:
     app = FastAPI(title="chatforge", docs_url=None, redoc_url=None)
     batcher = Batcher(engine, max_batch=max_batch)
@@ -130,10 +130,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
         if room <= 0:
             raise APIError(400, f"the prompt is {prompt_len} tokens; this model's context is {ctx} tokens",
                            "messages" if "messages" in body else "prompt", "context_length_exceeded")
-        max_tokens = _number(body, key, min(default_max_tokens, room), 1, ctx - 1, integer=True)
-        if prompt_len + max_tokens > ctx:
-            raise APIError(400, f"prompt ({prompt_len} tokens) + {key} ({max_tokens}) exceeds this model's "
-                           f"context of {ctx} tokens", key, "context_length_exceeded")
+        # Absent, or more than the context has left: up to the context's end (finish_reason "length"), as
+        # llama.cpp's server does; a client cannot know how many tokens its prompt takes.
+        max_tokens = min(_number(body, key, default_max_tokens or room, 1, 2 ** 31 - 1, integer=True), room)
         stop = body.get("stop")
         if isinstance(stop, str):
             stop = [stop]

@@ -127,6 +127,20 @@ def test_truncated_archive_keeps_what_was_read(tmp_path, suffix, compress):
     assert texts[0].startswith("record 0 ") and texts[-1].startswith(f"record {len(texts) - 1} ")
 
 
+@pytest.mark.parametrize("suffix,compress", [(".gz", gzip.compress), (".xz", lzma.compress)])
+def test_small_truncated_archive_keeps_what_decodes(tmp_path, suffix, compress):
+    """A file cut inside the first 8 KB (read to tell text from binary) still keeps what decodes."""
+    text = "".join(f"Line {i}: a short sentence of plain English text for the test.\n" for i in range(90))
+    blob = compress(text.encode())
+    p = tmp_path / f"cut.txt{suffix}"
+    p.write_bytes(blob[: len(blob) * 7 // 10])
+    stats = ReadStats()
+    texts, _ = _texts(p, stats=stats)
+    assert stats.counts["truncated_file"] == 1 and stats.counts["empty_file"] == 0
+    kept = "".join(texts)
+    assert len(kept) > 1000 and text.startswith(kept.rstrip("\n").rsplit("\n", 1)[0])
+
+
 def test_expand_inputs_files_folders_globs_sorted_and_missing(tmp_path):
     (tmp_path / "sub").mkdir()
     for name in ("b.txt", "a.jsonl", "sub/c.md.gz", "sub/skip.bin", ".hidden.txt"):

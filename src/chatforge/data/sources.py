@@ -215,25 +215,33 @@ def _looks_binary(head: bytes) -> bool:
 
 def _chunks_checked(path: Path, stats: ReadStats) -> Iterator[bytes]:
     """Raw chunks, with empty/binary files skipped (and noted) and truncation noted instead of raised."""
+    truncated = (EOFError, OSError, lzma.LZMAError, zstandard.ZstdError)
     it = _raw_chunks(path)
-    head = b""
+    head, cut = b"", None
     try:
-        for data in it:
-            head += data
-            if len(head) >= BINARY_SNIFF_BYTES:
-                break
-        if not head.strip():
+        try:
+            for data in it:
+                head += data
+                if len(head) >= BINARY_SNIFF_BYTES:
+                    break
+        except truncated as e:  # a small file cut short: what decoded before the cut is still text to keep
+            cut = e
+        if not head.strip() and cut is None:
             stats.note("empty_file", path)
             return
         if _looks_binary(head[:BINARY_SNIFF_BYTES]):
             stats.note("binary_file", path, "NUL bytes in the first 8 KB; not text")
             return
-        yield head
-        yield from it
-    except (EOFError, OSError, lzma.LZMAError, zstandard.ZstdError) as e:
-        stats.note("truncated_file", path, f"kept what was read before: {e}")
+        if head:
+            yield head
+        if cut is None:
+            yield from it
+    except truncated as e:
+        cut = e
     finally:
         it.close()
+    if cut is not None:
+        stats.note("truncated_file", path, f"kept what was read before: {cut}")
 
 
 def _iter_lines(path: Path, stats: ReadStats) -> Iterator[tuple[int, bytes]]:

@@ -105,3 +105,19 @@ def test_overrides_after_a_list_option_are_overrides(tmp_path):
     m = json.loads((run / "data" / "manifest.json").read_text())
     assert sum(s["documents"] for s in m["splits"].values()) == 3
     assert "max_docs: 3" in (run / "config.yaml").read_text()
+
+
+def test_one_record_without_the_text_field_is_rejected_not_fatal(tmp_path):
+    import json
+    f = tmp_path / "docs.jsonl"
+    recs = [{"text": f"Document number {i} has enough words to be kept by the filters."} for i in range(10)]
+    recs.insert(4, {"body": "no text field here"})
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    r = cli("prepare", "--config", "tiny", "--run-dir", str(tmp_path / "run"), "--input", str(f), "data.min_chars=8")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
+    assert sum(s["documents"] for s in m["splits"].values()) == 10 and m["read_errors"]["missing_field"] == 1
+    rej = json.loads((tmp_path / "run" / "data" / "rejects.jsonl").read_text().splitlines()[0])
+    assert rej["where"] == f"{f}:5" and rej["reason"] == "missing_field"
+    r = cli("prepare", "--config", "tiny", "--run-dir", str(tmp_path / "run2"), "--input", str(f), "--strict")
+    assert_user_error(r, f"{f}:5", "no field 'text'")

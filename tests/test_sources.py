@@ -86,11 +86,18 @@ def test_malformed_json_line_goes_to_rejects_with_file_and_line(tmp_path):
 
 def test_missing_text_field_names_file_line_field_and_existing_fields(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text('{"text": "fine"}\n{"body": "x", "title": "y"}\n')
-    with pytest.raises(UserError) as e:
-        _texts(p)
+    p.write_text('{"text": "fine"}\n{"body": "x", "title": "y"}\n{"text": "also fine"}\n')
+    stats = ReadStats(rejects_path=tmp_path / "rejects.jsonl")  # one bad record: rejected with file:line
+    assert _texts(p, stats=stats)[0] == ["fine", "also fine"] and stats.counts["missing_field"] == 1
+    stats.close()
+    assert json.loads((tmp_path / "rejects.jsonl").read_text())["where"] == f"{p}:2"
+    with pytest.raises(UserError) as e:  # --strict: it stops there
+        _texts(p, stats=ReadStats(strict=True))
     msg = str(e.value)
     assert f"{p}:2" in msg and "'text'" in msg and "body" in msg and "title" in msg
+    (tmp_path / "none.jsonl").write_text('{"body": "x"}\n{"body": "y"}\n')  # no record has it: wrong field
+    with pytest.raises(UserError, match="none.jsonl:1: no field 'text'"):
+        _texts(tmp_path / "none.jsonl")
     (tmp_path / "t.csv").write_text("a,b\n1,2\n")
     with pytest.raises(UserError, match=r"no field 'text'.*a, b"):
         _texts(tmp_path / "t.csv")

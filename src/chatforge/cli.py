@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="lowercase all text (hurts a generative model: it can no longer write capitals)")
     subs["prepare"].add_argument("--remove-stopwords", action="store_true",
                                  help="drop English stop words (hurts a generative model: it learns broken sentences)")
+    subs["prepare"].add_argument("--strict", action="store_true",
+                                 help="stop at a JSON record without the text field (default: reject it, count it, go on)")
     subs["prepare"].add_argument("--shard", type=int, default=None,
                                  help="prepare only part I of the inputs (0-based; use with --num-shards), e.g. one per machine")
     subs["prepare"].add_argument("--num-shards", type=int, default=1, help="number of parts the inputs are split into")

@@ -33,6 +33,7 @@ class DataConfig:
     near_dedup: bool = False  # MinHash LSH near-duplicate removal (datasketch)
     near_dedup_threshold: float = 0.8
     workers: int = 1  # >1: a process pool cleans and filters; output is byte-identical to workers=1
+    strict: bool = False  # a JSON record without text_field stops prepare (default: rejected with file:line)
     # --- added for issue 5 (data/quality.py, data/merge.py) ---
     near_dedup_ngram: int = 5  # MinHash shingle size in words
     near_dedup_num_perm: int = 128  # MinHash permutations (more: slower, more precise)

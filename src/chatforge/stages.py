@@ -709,6 +709,7 @@ def run(args: Namespace) -> int:
             cfg.sft.inputs = list(args.sft_input)
         if args.text_field:
             cfg.data.text_field = args.text_field
+        cfg.data.strict |= args.strict
         cfg.data.lowercase |= args.lowercase
         cfg.data.remove_stopwords |= args.remove_stopwords
         prepare(cfg, paths, args.force, args.shard, args.num_shards)

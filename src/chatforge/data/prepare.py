@@ -199,7 +199,7 @@ def _iter_raw(cfg: DataConfig, files: list[InputFile], stats: ReadStats, shard_i
     By-document partitioning: every shard reads every file and keeps record k when k % num_shards equals
     its index; read problems are then counted by shard 0 only, so a merge does not count them n times."""
     owner = assign_files(files, num_shards)
-    quiet = ReadStats()
+    quiet = ReadStats(strict=cfg.strict)
     for f in files:
         if owner is not None and owner[f.index] != shard_index:
             continue
@@ -528,7 +528,7 @@ def prepare_corpus(cfg: DataConfig, out_dir: Path, shard_index: int | None = Non
     files = plan_inputs(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_outputs(out_dir)
-    stats = ReadStats(rejects_path=out_dir / "rejects.jsonl")
+    stats = ReadStats(rejects_path=out_dir / "rejects.jsonl", strict=cfg.strict)
     tally = _Tally(files)
     fin = None if part else _Finisher(cfg, out_dir, files)
     part_writer = ShardWriter(out_dir, PART_PREFIX) if part else None

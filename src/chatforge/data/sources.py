@@ -54,6 +54,7 @@ class ReadStats:
 
     rejects_path: Path | None = None
     counts: Counter = field(default_factory=Counter)
+    strict: bool = False  # a record without the text field stops the run (else: rejected, counted, skipped)
     _rejects: IO[str] | None = None
 
     def note(self, reason: str, path: Path | str, message: str = "") -> None:
@@ -380,6 +381,7 @@ def _field_error(path: Path, line: int | str, fieldname: str, fields) -> UserErr
 
 def _iter_json(path: Path, stats: ReadStats, text_field: str) -> Iterator[tuple[str, str, int]]:
     src = str(path)
+    found, first_missing = False, None  # a file where no record has the field: the field name is wrong
     for rec, no in iter_json_objects(path, stats):
         if isinstance(rec, str):  # a bare JSON string per line is text too
             yield rec, src, no
@@ -388,13 +390,21 @@ def _iter_json(path: Path, stats: ReadStats, text_field: str) -> Iterator[tuple[
             stats.reject("not_an_object", path, no, json.dumps(rec)[:500], "expected a JSON object per record")
             continue
         if text_field not in rec:
-            raise _field_error(path, no, text_field, rec.keys())
+            if stats.strict:
+                raise _field_error(path, no, text_field, rec.keys())
+            first_missing = first_missing or (no, list(rec.keys()))
+            stats.reject("missing_field", path, no, json.dumps(rec, ensure_ascii=False)[:500],
+                         f"no field '{text_field}'")
+            continue
+        found = True
         value = rec[text_field]
         if not isinstance(value, str):
             stats.reject("not_text", path, no, json.dumps(rec, ensure_ascii=False)[:500],
                          f"field '{text_field}' is {type(value).__name__}, not a string")
             continue
         yield value, src, no
+    if first_missing and not found:
+        raise _field_error(path, first_missing[0], text_field, first_missing[1])
 
 
 def _iter_csv(path: Path, stats: ReadStats, text_field: str) -> Iterator[tuple[str, str, int]]:

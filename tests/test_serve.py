@@ -187,6 +187,15 @@ def test_api_key(engine):
         good = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
         r = good.chat.completions.create(model="locked", messages=MSGS, max_tokens=3)
         assert r.choices[0].message.role == "assistant"
+        # Every endpoint that generates refuses a missing, wrong, longer or shorter key.
+        for path, body in (("/v1/chat/completions", {"messages": MSGS, "max_tokens": 2}),
+                           ("/v1/completions", {"prompt": "Hello", "max_tokens": 2})):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer s3cret2"},
+                            {"Authorization": "Bearer s3cre"}, {"Authorization": "s3cret"}):
+                r = httpx.post(s.url + path, json=body, headers=headers)
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, headers)
+            r = httpx.post(s.url + path, json=body, headers={"Authorization": "Bearer s3cret"})
+            assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("extra", [{}, {"max_tokens": 10_000}, {"max_completion_tokens": 90}])
@@ -199,3 +208,20 @@ def test_max_tokens_absent_or_past_the_context_runs_to_its_end(server, engine, e
     total = u["prompt_tokens"] + u["completion_tokens"]
     assert total <= engine.seq_len
     assert (choice["finish_reason"] == "length") == (total == engine.seq_len)
+
+
+def test_a_request_body_over_the_limit_is_413(engine):
+    with Server(create_app(engine, "small", max_body_bytes=10_000)) as s:
+        big = {"messages": [{"role": "user", "content": "fox " * 5_000}], "max_tokens": 2}
+        r = httpx.post(s.url + "/v1/chat/completions", json=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        def chunks():  # no Content-Length: the limit holds for a streamed upload too
+            yield b'{"messages": [{"role": "user", "content": "'
+            for _ in range(100):
+                yield b"fox " * 100
+            yield b'"}]}'
+        r = httpx.post(s.url + "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        ok = httpx.post(s.url + "/v1/chat/completions", json={"messages": MSGS, "max_tokens": 2})
+        assert ok.status_code == 200

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     subs["serve"].add_argument("--host", default="127.0.0.1")
     subs["serve"].add_argument("--port", type=int, default=8000)
     subs["serve"].add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    subs["serve"].add_argument("--max-body-mb", type=float, default=1.0,
+                               help="largest request body accepted, in MB (larger: 413)")
     subs["serve"].add_argument("--max-batch", type=int, default=8,
                                help="requests decoded together (continuous batching); 1 = one at a time")
     subs["export"].add_argument("--format", default="hf", choices=["hf", "gguf"],

@@ -446,12 +446,14 @@ def chat(cfg: Config, paths: RunPaths, stage="auto", which="best", system: str |
 
 
 def serve_run(cfg: Config, paths: RunPaths, stage="auto", which="best", host="127.0.0.1", port=8000, api_key=None,
-              max_batch=8):
+              max_batch=8, max_body_mb=1.0):
     from .serve.app import serve
     if max_batch < 1:
         raise UserError(f"--max-batch must be at least 1 (got {max_batch})")
-    serve(_engine(chat_paths(paths, stage), stage, which, cfg.generate.weights), host=host, port=port, api_key=api_key, model_name=cfg.name,
-          max_batch=max_batch)
+    if max_body_mb <= 0:
+        raise UserError(f"--max-body-mb must be positive (got {max_body_mb})")
+    serve(_engine(chat_paths(paths, stage), stage, which, cfg.generate.weights), host=host, port=port,
+          api_key=api_key, model_name=cfg.name, max_batch=max_batch, max_body_mb=max_body_mb)
 
 
 def export(cfg: Config, paths: RunPaths, out: str | None, stage="auto", which="best", force=False, fmt="hf",
@@ -737,7 +739,8 @@ def run(args: Namespace) -> int:
     elif cmd == "chat":
         chat(cfg, paths, args.stage, args.checkpoint, args.system)
     elif cmd == "serve":
-        serve_run(cfg, paths, args.stage, args.checkpoint, args.host, args.port, args.api_key, args.max_batch)
+        serve_run(cfg, paths, args.stage, args.checkpoint, args.host, args.port, args.api_key, args.max_batch,
+                  args.max_body_mb)
     elif cmd == "export":
         export(cfg, paths, args.out or (extra[0] if extra else None), args.stage, args.checkpoint, args.force,
                fmt=args.format, gguf_type=args.outtype)

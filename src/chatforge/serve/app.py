@@ -7,6 +7,7 @@ Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, so O
 """
 from __future__ import annotations
 
+import hmac
 import html
 import json
 import math
@@ -74,7 +75,7 @@ def _content(m: dict, i: int) -> str:
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, default_max_tokens: int | None = None,
-               max_batch: int = 8) -> FastAPI:
+               max_batch: int = 8, max_body_bytes: int = 1 << 20) -> FastAPI:
     app = FastAPI(title="chatforge", docs_url=None, redoc_url=None)
     batcher = Batcher(engine, max_batch=max_batch)
     app.state.batcher = batcher
@@ -103,7 +104,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
     async def _auth(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1/"):
             given = request.headers.get("authorization", "")
-            if given != f"Bearer {api_key}":
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):  # constant time
                 msg = "missing API key: send 'Authorization: Bearer KEY'" if not given else "incorrect API key"
                 return JSONResponse(error_body(msg, "invalid_request_error", None, "invalid_api_key"),
                                     status_code=401)
@@ -111,7 +112,18 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
 
     # ---- request parsing ---------------------------------------------------------------------
     async def read_json(request: Request) -> dict:
-        raw = await request.body()
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise APIError(413, f"request body of {int(declared):,} bytes is over the limit of {max_body_bytes:,} "
+                           f"(serve --max-body-mb)", None, "request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # also bounded when the client sends no Content-Length
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise APIError(413, f"request body is over the limit of {max_body_bytes:,} bytes "
+                               f"(serve --max-body-mb)", None, "request_too_large")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -238,8 +250,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
                 raise APIError(400, f"messages[{i}].role {role!r} is not supported; use system, user or assistant",
                                f"messages[{i}].role", "invalid_role")
             clean.append({"role": ROLES[role], "content": _content(m, i)})
-        try:
-            ids, _ = engine.tok.render_chat(clean, add_generation_prompt=True)
+        try:  # tokenizing a long prompt takes a while: off the event loop, so other requests go on
+            ids, _ = await run_in_threadpool(engine.tok.render_chat, clean, True)
         except UserError as e:
             raise APIError(400, str(e), "messages", "invalid_messages")
         params = sampling(body, len(ids))
@@ -254,7 +266,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
         if not isinstance(prompt, str):
             raise APIError(400, "'prompt' must be a string (batches of prompts are not supported)", "prompt",
                            "invalid_prompt")
-        ids = engine.complete_prompt(prompt)
+        ids = await run_in_threadpool(engine.complete_prompt, prompt)
         params = sampling(body, len(ids))
         return await respond(body, ids, params, engine.tok.stop_ids, "completion")
 
@@ -283,8 +295,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, defa
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str = "chatforge", max_batch: int = 8, log_level: str = "info") -> None:
+          model_name: str = "chatforge", max_batch: int = 8, log_level: str = "info",
+          max_body_mb: float = 1.0) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(engine, model_name, api_key=api_key, max_batch=max_batch), host=host, port=port,
-                log_level=log_level)
+    uvicorn.run(create_app(engine, model_name, api_key=api_key, max_batch=max_batch,
+                           max_body_bytes=int(max_body_mb * (1 << 20))), host=host, port=port, log_level=log_level)

@@ -97,6 +97,8 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(setup):
     assert p.returncode == -signal.SIGKILL
     before = train_losses(out)
     assert max(before) == 11  # the run really got past its checkpoint before dying
+    with open(out / "metrics.jsonl", "a") as f:  # and a line torn mid-write (power loss, full disk)
+        f.write('{"step": 12, "kind": "tra')
     r = run_child(script, out, resume=True)
     log = r.communicate(timeout=120)[0]
     assert r.returncode == 0 and "RESULT 24 False" in log, log

@@ -267,11 +267,24 @@ class _Trackers:
 
 
 def _trim_metrics(path: Path, step: int) -> None:
-    """On resume, drop records the interrupted run wrote after the checkpoint it resumes from."""
+    """On resume, drop records the interrupted run wrote after the checkpoint it resumes from, and a torn
+    line (power loss or a full disk mid-write). The file is replaced atomically: a crash here loses nothing."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in keep))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,

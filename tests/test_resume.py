@@ -47,9 +47,11 @@ CHILD = textwrap.dedent('''
 ''')
 
 
-def run_child(script: Path, out: Path, resume=False, stall_at=0, stall_s=0.0) -> subprocess.Popen:
+def run_child(script: Path, out: Path, resume=False, stall_at=0, stall_s=0.0, signal_at=0) -> subprocess.Popen:
+    import os
+    env = {**os.environ, "CHATFORGE_SIGNAL_AT_STEP": str(signal_at)}  # train() sends itself SIGTERM then
     return subprocess.Popen([sys.executable, str(script), str(out), "1" if resume else "0", str(stall_at),
-                             str(stall_s)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             str(stall_s)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def train_losses(out: Path) -> dict[int, float]:
@@ -110,15 +112,33 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(setup):
 def test_sigterm_saves_then_resume_is_bit_identical(setup):
     script, ref, d = setup
     out = d / "terminated"
-    p = run_child(script, out, stall_at=11, stall_s=1.5)
-    wait_for_checkpoint(out, 8, p)
-    p.send_signal(signal.SIGTERM)
+    p = run_child(script, out, signal_at=11)  # SIGTERM during step 11: deterministic, no timing window
     log = p.communicate(timeout=60)[0]
-    assert p.returncode == 0 and "interrupted" in log, log
+    assert p.returncode == 0 and "interrupted" in log and "RESULT 11 True" in log, log
     stopped_at = json.loads((out / "ckpt" / "latest.json").read_text())["step"]
-    assert 8 < stopped_at < 24  # saved a new checkpoint on the signal, not only the periodic one
+    assert stopped_at == 11  # saved a new checkpoint on the signal, not only the periodic one (step 8)
     r = run_child(script, out, resume=True)
     log = r.communicate(timeout=120)[0]
     assert r.returncode == 0 and "RESULT 24 False" in log, log
     after = train_losses(out)
     assert all(after[s] == ref[s] for s in range(1, 25)), [(s, after[s], ref[s]) for s in range(1, 25)]
+
+
+def test_an_interrupted_stage_exits_143_and_says_how_to_resume(tiny_run, tmp_path):
+    """SIGTERM (sent by the run itself at step 5, so no timing is involved): checkpoint saved, exit 128 + 15,
+    the resume command printed; then --resume finishes with 0."""
+    import os
+    import shutil
+    run = tmp_path / "run"
+    for part in ("data", "tokenizer", "tokens", "config.yaml"):
+        src = tiny_run / part
+        (shutil.copytree if src.is_dir() else shutil.copyfile)(src, run / part)
+    env = {**os.environ, "CHATFORGE_SIGNAL_AT_STEP": "5"}
+    cmd = [sys.executable, "-m", "chatforge", "pretrain", str(run), "train.steps=12", "train.eval_every=0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 143, r.stderr
+    assert f"chatforge pretrain {run} --resume" in r.stderr
+    assert json.loads((run / "pretrain" / "ckpt" / "latest.json").read_text())["step"] == 5
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "pretrain" / "ckpt" / "latest.json").read_text())["step"] == 12

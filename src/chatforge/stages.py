@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from argparse import Namespace
 from dataclasses import asdict
@@ -701,6 +702,17 @@ def compare_chat_models(paths: RunPaths, runs: dict[str, RunPaths]) -> dict:
 
 # ---------------------------------------------------------------- dispatch
 
+def _exit_status(summary: dict | None, stage: str, paths: RunPaths) -> int:
+    """0, or after a SIGINT/SIGTERM (checkpoint saved) 128 + the signal, as shells expect, so that
+    `chatforge pretrain R && chatforge finetune R` does not go on with a half-trained model."""
+    if not summary or not summary.get("interrupted"):
+        return 0
+    sig = int(summary.get("signal") or 2)
+    print(f"chatforge {stage}: stopped by signal {sig} after saving a checkpoint; continue with "
+          f"`chatforge {stage} {paths.root} --resume`", file=sys.stderr)
+    return 128 + sig
+
+
 def run(args: Namespace) -> int:
     cfg, paths, extra = resolve(args)
     cmd = args.command
@@ -726,11 +738,11 @@ def run(args: Namespace) -> int:
     elif cmd == "encode":
         encode(cfg, paths, args.force)
     elif cmd == "pretrain":
-        pretrain(cfg, paths, args.force, args.resume)
+        return _exit_status(pretrain(cfg, paths, args.force, args.resume), "pretrain", paths)
     elif cmd == "finetune":
-        finetune(cfg, paths, args.force, args.resume, args.input, args.init, mode=args.mode, lora_rank=args.lora_rank,
+        return _exit_status(finetune(cfg, paths, args.force, args.resume, args.input, args.init, mode=args.mode, lora_rank=args.lora_rank,
                  lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets,
-                 eval_prompts=args.eval_prompts)
+                 eval_prompts=args.eval_prompts), "finetune", paths)
     elif cmd == "eval":
         evaluate(cfg, paths, args.stage, args.checkpoint, args.file, args.stride, args.task, args.schema,
                  args.max_items, args.all_checkpoints)

@@ -179,11 +179,16 @@ def _use_compile(cfg: TrainConfig, device: torch.device) -> bool:
     raise UserError(f"train.compile '{cfg.compile}' is not known; use auto, on or off")
 
 
+# Tests stop a run at a known step with this (a SIGTERM sent to itself during that step), not with timing.
+SIGNAL_AT_STEP = int(os.environ.get("CHATFORGE_SIGNAL_AT_STEP", "0") or 0)
+
+
 class _StopFlag:
     """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and returns."""
 
     def __init__(self):
         self.set = False
+        self.signum: int | None = None  # which signal stopped the run (its exit status is 128 + signum)
         self._old: dict = {}
 
     def __enter__(self):
@@ -195,7 +200,7 @@ class _StopFlag:
     def _handle(self, signum, frame):
         if self.set:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
-        self.set = True
+        self.set, self.signum = True, signum
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -441,6 +446,8 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
                 (s * scale).backward()
                 total += s.detach().double()
             step_tokens = sum(b["x"].numel() for b in micro) * dist.world
+            if SIGNAL_AT_STEP and st["step"] + 1 == SIGNAL_AT_STEP and dist.is_main:  # test hook (see below)
+                os.kill(os.getpid(), signal.SIGTERM)
             # One all-reduce carries the loss and the stop flag, so every rank takes the same decision.
             packet = torch.tensor([0.0, 1.0 if stop.set else 0.0], dtype=torch.float64, device=device)
             packet[0] = total
@@ -528,4 +535,5 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
         save(st["final_val"])
     return {"step": st["step"], "train_loss": st["train_loss"], "best_val_loss": st["best_val"],
             "final_val_loss": st["final_val"], "tokens": st["tokens"], "seconds": st["seconds"],
-            "skipped_steps": st["skipped"], "interrupted": interrupted, "early_stopped": st["early_stopped"]}
+            "skipped_steps": st["skipped"], "interrupted": interrupted, "early_stopped": st["early_stopped"],
+            "signal": (stop.signum or signal.SIGINT) if interrupted else None}

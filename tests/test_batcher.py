@@ -140,3 +140,28 @@ def test_bad_prompt_is_refused(engine):
         b.submit([], max_new_tokens=3)
     with pytest.raises(ValueError, match="a prompt needs"):
         b.submit([1] * engine.seq_len, max_new_tokens=3)
+
+
+def test_a_row_that_fails_while_sampling_fails_alone(engine, tok, monkeypatch):
+    """An exception while sampling one row mid-flight fails only that request; the others finish as alone."""
+    import chatforge.batcher as batcher_mod
+    real = batcher_mod.sample_next
+    calls = {"n": 0}
+
+    def flaky(logits, history, *, generator=None, **kw):
+        if generator is not None and generator.initial_seed() == 666:
+            calls["n"] += 1
+            if calls["n"] == 3:  # the bad row's third token: it has joined the batch by then
+                raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, history, generator=generator, **kw)
+
+    monkeypatch.setattr(batcher_mod, "sample_next", flaky)
+    jobs = [dict(prompt_ids=p, max_new_tokens=12, temperature=0) for p in prompts(tok)[:3]]
+    b = Batcher(engine, max_batch=4)
+    good = [b.submit(**j) for j in jobs]
+    bad = b.submit(prompt_ids=prompts(tok)[3], max_new_tokens=12, temperature=0.8, seed=666)
+    with pytest.raises(RuntimeError, match="nan"):
+        "".join(bad)
+    got = [("".join(s), s.finish_reason, s.n_tokens) for s in good]
+    assert got == [alone(engine, j) for j in jobs]
+    assert calls["n"] == 3 and b.rows == []

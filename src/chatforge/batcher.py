@@ -199,7 +199,11 @@ class Batcher:
         self.row_steps += n
         for i in range(n):
             self.lens[i] += 1
-            self._emit(i, logits[i:i + 1])
+            try:
+                self._emit(i, logits[i:i + 1])
+            except Exception as e:  # noqa: BLE001 - sampling this row failed: its request fails, not the batch
+                self.rows[i].finish_reason = "error"
+                self.rows[i].put(e)
         self._drop_finished()
 
     def _emit(self, i: int, logits: torch.Tensor) -> None:

@@ -112,3 +112,21 @@ def test_resave_same_step_replaces(tmp_path):
     save_checkpoint(tmp_path, 5, model, opt, sched, loader, {"a": 2})
     assert json.loads((tmp_path / "step_000005" / "meta.json").read_text())["a"] == 2
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut", "header"])
+def test_a_damaged_latest_checkpoint_is_passed_over_for_resume(tmp_path, damage):
+    """Power loss can leave a renamed checkpoint with a short or empty file: resume takes the one before it."""
+    model, opt, sched, loader = setup_all()
+    root = tmp_path / "ckpt"
+    for s in (1, 2):
+        step(model, opt, sched, loader)
+        save_checkpoint(root, s, model, opt, sched, loader, {"stage": "pretrain"}, keep_last=3)
+    st = root / "step_000002" / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes({"empty": b"", "cut": data[: len(data) // 2], "header": b"\xff" * 64}[damage])
+    with pytest.warns(RuntimeWarning, match="step_000002 is damaged"):
+        assert resolve_checkpoint(root, "last").name == "step_000001"
+    (root / "step_000001" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="damaged"), pytest.warns(RuntimeWarning):
+        resolve_checkpoint(root, "last")

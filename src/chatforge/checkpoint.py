@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,45 @@ STEP_RE = re.compile(r"^step_(\d+)$")
 FILES = ("model.safetensors", "meta.json", "state.pt")
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk: a rename alone does not survive power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder; the files themselves were synced
+        pass
+    finally:
+        os.close(fd)
+
+
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2))
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def readable(ckpt_dir: Path) -> str | None:
+    """None if the checkpoint's files are whole (safetensors header and sizes, meta.json, state.pt), else why not."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        st = ckpt_dir / "model.safetensors"
+        size = st.stat().st_size
+        with open(st, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or not 0 < n <= size - 8:
+                return f"{st} is {size} bytes: no safetensors header"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if size != 8 + n + end:
+            return f"{st} is {size} bytes, its header needs {8 + n + end}"
+        json.loads((ckpt_dir / "meta.json").read_text())
+        if (ckpt_dir / "state.pt").stat().st_size == 0:
+            return f"{ckpt_dir / 'state.pt'} is empty"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"{ckpt_dir}: {type(e).__name__}: {e}"
+    return None
 
 
 def _is_main() -> bool:
@@ -118,6 +154,9 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, sch
         "rng": rng_state(),
         "extra": extra or {},
     }, tmp / "state.pt")
+    for f in FILES:
+        _fsync(tmp / f)
+    _fsync(tmp)
     if final.exists():  # re-saving the same step (e.g. an interrupt right after a periodic save)
         trash = ckpt_root / f".tmp-step_{step:06d}-old{os.getpid()}"
         os.replace(final, trash)
@@ -125,6 +164,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, sch
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    _fsync(ckpt_root)
     _write_json(ckpt_root / "latest.json", {"step": step, "path": final.name})
     best = _read_pointer(ckpt_root / "best.json")
     best_dir = ckpt_root / best["path"] if best else None
@@ -164,11 +204,18 @@ def resolve_checkpoint(ckpt_root: Path, which: str = "best") -> Path:
     if which in ("last", "latest"):
         ptr = _read_pointer(ckpt_root / "latest.json")
         if ptr and (ckpt_root / ptr["path"]) in ckpts:
-            return ckpt_root / ptr["path"]
-        return ckpts[-1]
+            cand = ckpt_root / ptr["path"]
+            ckpts = [c for c in ckpts if c != cand] + [cand]
+        for cand in reversed(ckpts):  # the newest whole one: a file cut short (power loss) is passed over
+            why = readable(cand)
+            if why is None:
+                return cand
+            warnings.warn(f"checkpoint {cand.name} is damaged ({why}); using an earlier one", RuntimeWarning,
+                          stacklevel=2)
+        raise UserError(f"every checkpoint in {ckpt_root} is damaged; start again with --force")
     if which == "best":
         ptr = _read_pointer(ckpt_root / "best.json")
-        if ptr and (ckpt_root / ptr["path"]) in ckpts:
+        if ptr and (ckpt_root / ptr["path"]) in ckpts and readable(ckpt_root / ptr["path"]) is None:
             return ckpt_root / ptr["path"]
         return resolve_checkpoint(ckpt_root, "last")  # no validation ran: the newest is the best we know
     m = re.fullmatch(r"(?:step_)?(\d+)", which)

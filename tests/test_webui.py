@@ -124,3 +124,28 @@ def test_default_settings_work_and_a_rejected_message_leaves_the_history(server_
             assert page.eval_on_selector_all(".msg.assistant", "els => els[els.length - 1].textContent").strip()
         finally:
             browser.close()
+
+
+def test_the_page_fits_a_phone(server_url):
+    """Found by outside testing: at 375 px the header took three rows (~155 px) and the message box 93 px."""
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 375, "height": 667})
+            page.goto(server_url + "/")
+            header = page.eval_on_selector("header", "e => e.getBoundingClientRect().height")
+            box = page.eval_on_selector("#input", "e => e.getBoundingClientRect().width")
+            assert header <= 60, header
+            assert box >= 300, box
+            assert not page.is_visible("#temperature")
+            page.click("#settings")  # the settings are one tap away
+            assert page.is_visible("#temperature") and page.is_visible("#max_tokens")
+            page.fill("#input", "Hello there")
+            page.click("#send")
+            page.wait_for_function("document.querySelector('.msg.assistant')?.textContent.length > 0"
+                                   " && !document.getElementById('send').disabled", timeout=60_000)
+            wide = browser.new_page(viewport={"width": 1280, "height": 800})
+            wide.goto(server_url + "/")
+            assert wide.is_visible("#temperature") and not wide.is_visible("#settings")
+        finally:
+            browser.close()

@@ -137,6 +137,7 @@ def test_the_page_fits_a_phone(server_url):
             box = page.eval_on_selector("#input", "e => e.getBoundingClientRect().width")
             assert header <= 60, header
             assert box >= 300, box
+            page.screenshot(path=str(Path(tempfile.gettempdir()) / "chatforge_phone.png"))
             assert not page.is_visible("#temperature")
             page.click("#settings")  # the settings are one tap away
             assert page.is_visible("#temperature") and page.is_visible("#max_tokens")

@@ -84,4 +84,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from chatforge.machine import describe
+    print(describe(), flush=True)
     sys.exit(main())

@@ -405,4 +405,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from chatforge.machine import describe
+    print(describe(), flush=True)
     main()

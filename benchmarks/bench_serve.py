@@ -150,4 +150,6 @@ def load(args, url: str, server, label: str = "") -> float:
 
 
 if __name__ == "__main__":
+    from chatforge.machine import describe
+    print(describe(), flush=True)
     main()

@@ -49,3 +49,15 @@ def test_gpu_mfu_benchmark_exits_clearly_without_cuda():
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_mfu_gpu.py")], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2 and "needs a CUDA GPU" in p.stderr, p.stderr
+
+
+def test_benchmarks_print_the_machine():
+    """Every benchmark prints the CPU model and its kernel flags beside its numbers (machines differ)."""
+    import torch
+
+    from chatforge.machine import cpu, describe
+    name, flags = cpu()
+    line = describe()
+    assert name and f"CPU {name}" in line and torch.__version__ in line and all(f in line for f in flags)
+    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+        assert "print(describe()" in script.read_text(), script.name

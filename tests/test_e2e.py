@@ -51,10 +51,7 @@ def test_checkpoint_reloads_to_the_logged_validation_loss(tiny_run):
     got = evaluate_lm(model, batches)["loss"]
     logged = [m for m in _metrics(tiny_run / "pretrain" / "metrics.jsonl") if m["kind"] == "val"][-1]["val_loss"]
     assert math.isclose(got, logged, rel_tol=1e-5), (got, logged)
-    again, _ = load_model(resolve_checkpoint(tiny_run / "pretrain" / "ckpt", "last"))
-    x = torch.from_numpy(np.asarray(val[0][:64], dtype=np.int64))[None]
-    with torch.no_grad():
-        assert torch.equal(model(x), again(x))
+    # (A checkpoint compared with itself loaded twice proves nothing; the logged loss above is the check.)
 
 
 def test_finetuning_lowers_chat_validation_loss(tiny_run):

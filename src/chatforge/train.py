@@ -44,6 +44,15 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "40
 MPS_PEAK_FLOPS = 10e12  # rough Apple-silicon estimate
 
 
+def train_flops_per_token(model: nn.Module) -> float:
+    """Model FLOPs of one training token, for MFU: 6 per parameter of a trained matrix (forward, input and
+    weight gradients) but 4 per parameter of a frozen one (no weight gradient: LoRA's base), plus attention."""
+    tied = getattr(getattr(model, "cfg", None), "tie_embeddings", True)
+    frozen = sum(p.numel() for n, p in model.named_parameters()
+                 if not p.requires_grad and p.dim() >= 2 and (tied or "embed_tokens" not in n))
+    return model.flops_per_token() - 2 * frozen
+
+
 def peak_flops(device: torch.device) -> float:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -344,7 +353,7 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
     wrapped = wrap_model(raw, (strategy or cfg.strategy) if dist.world > 1 else "none", device)
     optimizer = build_optimizer(wrapped, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    flops_tok = raw.flops_per_token() if hasattr(raw, "flops_per_token") else 0.0
+    flops_tok = train_flops_per_token(raw) if hasattr(raw, "flops_per_token") else 0.0
     fwd = torch.compile(wrapped) if _use_compile(cfg, device) else wrapped
 
     # Loop state: everything here goes into checkpoints so a resume continues exactly.

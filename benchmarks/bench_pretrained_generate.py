@@ -21,6 +21,7 @@ import time
 import torch
 
 from chatforge.engine import Engine
+from chatforge.machine import cpu
 
 PROMPTS = {  # name -> (kind, text): chat turns are rendered with the chat template
     "chat": ("chat", "Write a short poem about the sea."),
@@ -28,22 +29,6 @@ PROMPTS = {  # name -> (kind, text): chat turns are rendered with the chat templ
     "prose": ("plain", "The history of the Roman Empire began when"),
     "chat-facts": ("chat", "What is the capital of France, and why is it famous?"),
 }
-
-
-def cpu_facts() -> tuple[str, list[str]]:
-    """The CPU's model name and the /proc/cpuinfo flags that matter to these kernels."""
-    name, flags = "unknown", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and name == "unknown":
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    keep = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
-    return name, [f for f in keep if f in flags]
 
 
 def timed(fn) -> tuple[float, object]:
@@ -115,8 +100,8 @@ def main() -> None:
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                            dtype=torch.float32).eval()
     n = args.new_tokens
-    cpu, flags = cpu_facts()
-    print(f"CPU: {cpu}; flags: {' '.join(flags) or '-'}; torch {torch.__version__}, "
+    cpu_name, flags = cpu()
+    print(f"CPU: {cpu_name}; flags: {' '.join(flags) or '-'}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads (both); transformers {transformers.__version__}")
     print(f"model: {path.name}, {model.num_params() / 1e6:.1f}M params; batch 1, greedy, {n} new tokens, fp32")
 

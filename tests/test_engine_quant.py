@@ -4,29 +4,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatforge.config import ModelConfig, TokenizerConfig
+from chatforge.config import ModelConfig
 from chatforge.engine import Engine
 from chatforge.errors import UserError
 from chatforge.model import GPT
 from chatforge.quant import GROUP, Int4Weight, int4_available
 from chatforge.tokenizer import Tokenizer
+from test_engine import make_model, make_tok
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 needs_int4 = pytest.mark.skipif(not int4_available(), reason="this torch has no CPU int4 kernel")
 
-CORPUS = ["The quick brown fox jumps over the lazy dog. " * 3,
-          "Hello world, hello there! How are you today? I am fine, thanks."] * 4
-
-
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer.train(CORPUS, TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1))
-
-
-def make_model(tok: Tokenizer, seed: int = 0, **kw) -> GPT:
-    torch.manual_seed(seed)
-    args = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, seq_len=128, init_std=0.2) | kw
-    return GPT(ModelConfig(vocab_size=tok.vocab_size, **args)).eval()
+    return make_tok()
 
 
 def q4_1_grid(w: torch.Tensor) -> torch.Tensor:

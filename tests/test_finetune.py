@@ -257,3 +257,10 @@ def test_end_of_turn_is_a_training_target_in_loader_batches(base_run):
         # ... while the <|end|> of system and user turns is not.
         for i in set(closes) - set(assistant_ends):
             assert y[i] == IGNORE
+
+
+def test_rouge_l_scores_overlap():
+    from chatforge.evidence import rouge_l
+    assert rouge_l("Return the sum of a and b.", "Return the sum of a and b.") == 1.0
+    assert rouge_l("completely different words", "Return the sum of a and b.") == 0.0
+    assert 0.3 < rouge_l("Return the sum.", "Return the sum of a and b.") < 1.0

@@ -16,14 +16,11 @@ from chatforge.cli import main
 from chatforge.config import ModelConfig, TokenizerConfig
 from chatforge.errors import UserError
 from chatforge.gguf_export import export_gguf
-from chatforge.model import GPT
 from chatforge.tokenizer import CHAT_TEMPLATE, Tokenizer
+from test_export import CORPUS, tiny
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
-
-CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, how are you today?",
-          "Once upon a time there was a little model that wanted to talk."] * 5
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,18 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.train(CORPUS, TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1))
-
-
-def tiny(vocab: int, **kw) -> GPT:
-    torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, seq_len=64, vocab_size=vocab,
-                      rope_theta=5000.0, norm_eps=1e-6, init_std=0.1, **kw)
-    model = GPT(cfg).eval()
-    with torch.no_grad():  # non-trivial norm weights, so a mis-mapped norm would show
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model
 
 
 def field(reader, key):

@@ -7,7 +7,6 @@ within 1e-4 and acc / acc_norm (lm-eval's process_results: argmax of ll and of l
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -7,6 +7,7 @@ greedy replies with the held-out reference answers.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -30,9 +31,14 @@ def held_out(sft_val: Path, n: int) -> list[dict]:
     return [out[i * len(out) // n] for i in range(n)] if len(out) > n else out
 
 
-def rouge_l(prediction: str, reference: str) -> float:
+@functools.cache
+def _scorer():
     from rouge_score import rouge_scorer
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].fmeasure
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    return _scorer().score(reference, prediction)["rougeL"].fmeasure
 
 
 def _decode(engine, prompts: list[list[int]], limit: int, **sampling) -> list[list[int]]:

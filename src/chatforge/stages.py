@@ -502,15 +502,8 @@ def embeddings(cfg: Config, paths: RunPaths, stage="auto", which="best", near=No
 # ---------------------------------------------------------------- demo and report
 
 def held_out_questions(paths: RunPaths, n: int = 5) -> list[str]:
-    qs = []
-    p = paths.data / "sft_val.jsonl"
-    if p.exists():
-        for line in p.read_text().splitlines():
-            msgs = json.loads(line)["messages"]
-            qs.append(next(m["content"] for m in msgs if m["role"] == "user"))
-            if len(qs) == n:
-                break
-    return qs
+    from .evidence import held_out
+    return [it["messages"][-1]["content"] for it in held_out(paths.data / "sft_val.jsonl", n)]
 
 
 def answer(engine, questions: list[str], max_new_tokens: int) -> list[dict]:

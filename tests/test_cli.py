@@ -121,3 +121,9 @@ def test_one_record_without_the_text_field_is_rejected_not_fatal(tmp_path):
     assert rej["where"] == f"{f}:5" and rej["reason"] == "missing_field"
     r = cli("prepare", "--config", "tiny", "--run-dir", str(tmp_path / "run2"), "--input", str(f), "--strict")
     assert_user_error(r, f"{f}:5", "no field 'text'")
+
+
+def test_demo_with_a_missing_pretrained_model_stops_before_training(tmp_path):
+    r = cli("demo", "--config", "tiny", "--run-dir", str(tmp_path / "run"), "demo.pretrained=nope.gguf")
+    assert_user_error(r, "demo.pretrained='nope.gguf'")
+    assert not (tmp_path / "run").exists()

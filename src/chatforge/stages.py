@@ -567,6 +567,11 @@ def demo(cfg: Config, paths: RunPaths, force: bool = False) -> Path:
     from .report import print_table
     from .tokenizer import Tokenizer
 
+    from .hub import KNOWN
+    src = cfg.demo.pretrained
+    if src and src not in KNOWN and not Path(src).exists():  # before minutes of from-scratch training
+        raise UserError(f"demo.pretrained={src!r}: no such file or folder; give a .gguf file, a Hugging Face "
+                        f"folder, one of {', '.join(KNOWN)}, or \"\" for the from-scratch model alone")
     if paths.root.exists() and any(paths.root.iterdir()):
         if not force:
             raise UserError(f"run directory {paths.root} already exists; pass --force to overwrite it "

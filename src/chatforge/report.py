@@ -245,7 +245,9 @@ def write_report(run_dir: str | Path, sections: dict) -> Path:
     if comp:
         md += ["## From scratch vs pre-trained, both fine-tuned on the same chats", "",
                f"Greedy replies to {comp['rows'][0].get('questions')} held-out questions; ROUGE-L F1 against the "
-               f"reference answers; end-of-turn: the share of replies that end at the model's end-of-turn token. "
+               f"reference answers; end-of-turn: the share of replies that end at the model's end-of-turn "
+               f"token; general loss: the run's validation text in nats per token of each model's own tokenizer "
+               f"(compare before with after, not across models). "
                f"`chatforge chat/serve/export` of this run use **{comp['best']}**.", "",
                format_table(comp["rows"]), ""]
         for a in comp["answers"][:10]:

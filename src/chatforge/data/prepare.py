@@ -34,6 +34,7 @@ import multiprocessing
 import sys
 from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -291,18 +292,23 @@ def process_documents(cfg: DataConfig, items: Iterator[tuple[int, int, str, str]
             yield item, proc(item[2])
         return
     # Not "fork": the parent may already run torch/tokenizers threads, and a forked child can inherit a held
-    # lock and hang the pool (seen in the test suite). forkserver forks from a clean single-threaded server.
+    # lock and hang (seen in the test suite). forkserver forks from a clean single-threaded server.
+    # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies raises BrokenProcessPool here instead
+    # of leaving its task unanswered forever, and shutdown cannot deadlock on a queue lock as Pool.terminate can.
     ctx = multiprocessing.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(cfg.workers, initializer=_worker_init, initargs=(cfg, signatures)) as pool:
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_worker_init, initargs=(cfg, signatures))
+    try:
         pending: deque = deque()
         for batch in _batches(items, _BATCH_DOCS, _BATCH_CHARS):
-            pending.append((batch, pool.apply_async(_worker_batch, ([it[2] for it in batch],))))
+            pending.append((batch, pool.submit(_worker_batch, [it[2] for it in batch])))
             while len(pending) > 2 * cfg.workers:
-                b, res = pending.popleft()
-                yield from zip(b, res.get())
+                b, fut = pending.popleft()
+                yield from zip(b, fut.result())
         while pending:
-            b, res = pending.popleft()
-            yield from zip(b, res.get())
+            b, fut = pending.popleft()
+            yield from zip(b, fut.result())
+    finally:  # also when the caller stops early (max_docs): drop queued batches, wait for running ones
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ============================================================================================ finishing

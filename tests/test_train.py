@@ -16,7 +16,8 @@ from chatforge.errors import UserError
 from chatforge.model import GPT
 from chatforge.optim import build_optimizer, lr_lambda
 from chatforge.distributed import DistInfo
-from chatforge.train import _best_seen_cpu_peak, resolve_grad_accum, train
+from chatforge.machine import _best_seen
+from chatforge.train import resolve_grad_accum, train
 
 # One thread: on a shared 2-core machine a second OpenMP thread mostly waits for a time slice.
 torch.set_num_threads(1)
@@ -315,11 +316,12 @@ def test_optional_trackers_skip_cleanly_or_log(tmp_path):
 def test_cpu_peak_keeps_the_best_rate_seen_here(tmp_path, monkeypatch):
     # A run started on a busy machine measures a low peak; the best one measured before is used instead.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert _best_seen_cpu_peak(100e9) == 100e9
-    assert _best_seen_cpu_peak(40e9) == 100e9
-    assert _best_seen_cpu_peak(120e9) == 120e9
+    assert _best_seen("fp32", 100e9) == 100e9
+    assert _best_seen("fp32", 40e9) == 100e9
+    assert _best_seen("fp32", 120e9) == 120e9
+    assert _best_seen("bf16", 30e9) == 30e9  # each precision keeps its own peak
     (tmp_path / "chatforge" / "cpu_peak.json").write_text("not json")
-    assert _best_seen_cpu_peak(50e9) == 50e9  # a damaged cache file is replaced, never an error
+    assert _best_seen("fp32", 50e9) == 50e9  # a damaged cache file is replaced, never an error
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -5,7 +5,12 @@ prints this line beside its numbers.
 """
 from __future__ import annotations
 
+import functools
+import json
+import os
 import platform
+import time
+from pathlib import Path
 
 FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile", "amx_int8")
 
@@ -33,3 +38,65 @@ def describe() -> str:
     gpu = f"; GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return (f"machine: CPU {name}; flags {' '.join(flags) or '-'}; torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads{gpu}")
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "chatforge" / "cpu_peak.json"
+
+
+def _best_seen(kind: str, measured: float) -> float:
+    """The best rate ever measured here for `kind`, kept in ~/.cache/chatforge: a probe run on a busy machine
+    then does not take a low peak (and print an MFU that is too high, or pick the wrong precision)."""
+    import torch
+    name, flags = cpu()
+    key = f"{platform.machine()} {name} [{' '.join(flags)}] threads={torch.get_num_threads()} {kind}"
+    path = _cache_path()
+    try:
+        seen = json.loads(path.read_text())
+        seen = seen if isinstance(seen, dict) else {}
+    except (OSError, ValueError):
+        seen = {}
+    best = max(measured, float(seen.get(key, 0.0) or 0.0))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**seen, key: best}))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home: use this run's measurement
+    return best
+
+
+def _matmul_rate(dtype, sizes: tuple[int, ...], repeats: int = 4) -> float:
+    """Best FLOP/s of a square matmul; the fastest single multiply counts (load from other jobs slows some)."""
+    import torch
+    best, g = 0.0, torch.Generator().manual_seed(0)  # own generator: the training RNG stream stays untouched
+    for n in sizes:
+        a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
+        a @ b
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_peak_flops(dtype_name: str = "float32") -> float:
+    """This CPU's matmul peak in fp32 or bf16 (about a second to measure; best ever seen is cached). bf16 is
+    first tried at 512: where the CPU has no bf16 units it runs ~100x slower than fp32, and larger sizes
+    would take seconds to show what 512 already does."""
+    import torch
+    if dtype_name == "float32":
+        return _best_seen("fp32", _matmul_rate(torch.float32, (1024, 2048)))
+    if dtype_name != "bfloat16":
+        raise ValueError(dtype_name)
+    rate = _matmul_rate(torch.bfloat16, (512,), repeats=2)
+    if rate > 0.5 * cpu_peak_flops("float32"):
+        rate = max(rate, _matmul_rate(torch.bfloat16, (1024, 2048)))
+    return _best_seen("bf16", rate)
+
+
+def bf16_speedup() -> float:
+    """bf16 matmul peak / fp32 matmul peak on this CPU (> 1 where it has bf16 units that pay: AMX, avx512_bf16)."""
+    return cpu_peak_flops("bfloat16") / cpu_peak_flops("float32")

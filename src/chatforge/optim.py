@@ -1,9 +1,9 @@
 """Optimizers and learning-rate schedules.
 
 Weight decay applies to matrices only (>= 2-D): decaying norms' gains pulls them towards zero for no benefit.
-Muon (Keller Jordan, 2024) orthogonalises the momentum of each hidden 2-D matrix with a Newton-Schulz
-iteration; embeddings, the output head and 1-D parameters keep AdamW. The Muon update is rescaled to AdamW's
-typical RMS (0.2 * sqrt(max(rows, cols)), Moonshot 2025), so one `lr` and `weight_decay` serve both halves.
+Muon (Keller Jordan, 2024; torch.optim.Muon) orthogonalises the momentum of each hidden 2-D matrix with a
+Newton-Schulz iteration; embeddings, the output head and 1-D parameters keep AdamW. The Muon update is rescaled
+to AdamW's typical RMS (0.2 * sqrt(max(rows, cols)), Moonshot 2025), so one `lr` and `weight_decay` serve both.
 """
 from __future__ import annotations
 
@@ -34,14 +34,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 @torch.no_grad()
 def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately U V^T of G = U S V^T (the nearest semi-orthogonal matrix), quintic iteration."""
+    """Approximately U V^T of G = U S V^T, in fp32: torch.optim.Muon's quintic iteration (same coefficients,
+    same normalisation), which runs it in bf16 only."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    # bf16 is plenty for this iteration on GPU; CPUs are faster (and exact enough) in fp32.
-    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    X = G.float()
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     for _ in range(steps):
         A = X @ X.mT
         B = b * A + c * A @ A
@@ -51,17 +51,59 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return X.to(G.dtype)
 
 
-class Muon(torch.optim.Optimizer):
-    """Muon for groups flagged use_muon=True, AdamW for the rest: one optimizer object, one state_dict.
+def bf16_orthogonalisation_pays(device: torch.device) -> bool:
+    """torch.optim.Muon's bf16 Newton-Schulz pays on GPUs and on CPUs whose bf16 matmul beats fp32 (measured
+    once per machine, see machine.bf16_speedup); on a CPU without bf16 units it is ~100x slower than fp32."""
+    if device.type != "cpu":
+        return True
+    from .machine import bf16_speedup
+    return bf16_speedup() > 1.0
 
-    Each group carries its own lr, so LambdaLR schedules both halves together.
+
+class Muon(torch.optim.Optimizer):
+    """torch.optim.Muon for the groups flagged use_muon=True, fused torch.optim.AdamW for the rest, stepped as one
+    optimizer with one state_dict. LambdaLR sees every group, so one schedule drives both halves.
+
+    What is ours and not PyTorch's: the split into two halves in one object, and an fp32 Newton-Schulz step
+    (`fp32_ns=True`) for CPUs where bf16 is slow: torch's Muon hard-codes bf16. The fp32 step does exactly what
+    torch's single-tensor Muon does (Nesterov lerp, decoupled weight decay, match_rms_adamw scale
+    0.2*sqrt(max(rows, cols)), so one `lr` and `weight_decay` serve both halves) and keeps the same state
+    ("momentum_buffer"), so a checkpoint resumes on either kind of machine.
     """
 
     def __init__(self, groups: list[dict], lr: float, momentum: float = 0.95, betas=(0.9, 0.95),
-                 eps: float = 1e-8, ns_steps: int = 5):
-        defaults = dict(lr=lr, momentum=momentum, betas=betas, eps=eps, ns_steps=ns_steps,
-                        weight_decay=0.0, use_muon=False)
-        super().__init__(groups, defaults)
+                 eps: float = 1e-8, ns_steps: int = 5, fp32_ns: bool | None = None, fused: bool | None = None):
+        muon_groups = [g for g in groups if g.get("use_muon")]
+        adam_groups = [g for g in groups if not g.get("use_muon")]
+        # The group dicts are shared: the inner optimizers fill in their defaults, and an lr set on
+        # self.param_groups (by LambdaLR) is the lr they step with.
+        super().__init__(groups, dict(lr=lr, weight_decay=0.0, use_muon=False))
+        self.muon = torch.optim.Muon(muon_groups, lr=lr, momentum=momentum, nesterov=True, ns_steps=ns_steps,
+                                     adjust_lr_fn="match_rms_adamw") if muon_groups else None
+        self.adamw = torch.optim.AdamW(adam_groups, lr=lr, betas=betas, eps=eps, fused=fused) if adam_groups else None
+        first = next((p for g in groups for p in g["params"]), None)
+        if fp32_ns is None:
+            fp32_ns = first is not None and not bf16_orthogonalisation_pays(first.device)
+        self.fp32_ns = fp32_ns
+
+    def _inner(self) -> list[tuple[str, torch.optim.Optimizer]]:
+        return [(k, o) for k, o in (("muon", self.muon), ("adamw", self.adamw)) if o is not None]
+
+    @torch.no_grad()
+    def _fp32_muon_step(self) -> None:
+        for group in self.muon.param_groups:
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.muon.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mom)
+                u = newton_schulz(p.grad.lerp(buf, mom), group["ns_steps"], group["eps"])
+                p.mul_(1 - lr * wd)
+                p.add_(u, alpha=-lr * 0.2 * math.sqrt(max(p.shape[0], p.shape[1])))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -69,37 +111,23 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if group["use_muon"]:
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(g)
-                    buf = state["momentum_buffer"]
-                    buf.lerp_(g, 1 - group["momentum"])
-                    u = g.lerp(buf, group["momentum"])  # Nesterov
-                    u = newton_schulz(u, group["ns_steps"])
-                    u = u * (0.2 * math.sqrt(max(p.shape[-2], p.shape[-1])))
-                    p.mul_(1 - lr * wd)
-                    p.add_(u, alpha=-lr)
-                else:
-                    if "step" not in state:
-                        state["step"] = torch.tensor(0.0)
-                        state["exp_avg"] = torch.zeros_like(p)
-                        state["exp_avg_sq"] = torch.zeros_like(p)
-                    b1, b2 = group["betas"]
-                    state["step"] += 1
-                    t = state["step"].item()
-                    state["exp_avg"].lerp_(g, 1 - b1)
-                    state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                    denom = (state["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-                    p.mul_(1 - lr * wd)
-                    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+        if self.muon is not None:
+            self._fp32_muon_step() if self.fp32_ns else self.muon.step()
+        if self.adamw is not None:
+            self.adamw.step()
         return loss
+
+    def state_dict(self) -> dict:
+        return {k: o.state_dict() for k, o in self._inner()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for k, o in self._inner():
+            if k not in state_dict:
+                raise UserError("this checkpoint's optimizer state is not a Muon state; resume with the "
+                                "optimizer it was trained with")
+            o.load_state_dict(state_dict[k])
+        # load_state_dict replaces the inner groups; keep one set of group dicts shared with the scheduler.
+        self.param_groups = [g for _, o in self._inner() for g in o.param_groups]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -136,7 +164,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
             {"params": muon, "use_muon": True, "weight_decay": cfg.weight_decay},
             {"params": adam_decay, "use_muon": False, "weight_decay": cfg.weight_decay},
             {"params": adam_no_decay, "use_muon": False, "weight_decay": 0.0}) if g["params"]]
-        return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, betas=(cfg.beta1, cfg.beta2))
+        return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, betas=(cfg.beta1, cfg.beta2),
+                    fused=True if fused else None)
     raise UserError(f"train.optimizer '{cfg.optimizer}' is not known; use adamw, sgd or muon")
 
 

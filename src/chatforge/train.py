@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import os
-import platform
 import random
 import signal
 import sys
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import machine
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, autocast_ctx, is_fsdp, pick_device, unwrap, wrap_model
 from .errors import UserError
@@ -63,41 +63,8 @@ def peak_flops(device: torch.device) -> float:
     return MPS_PEAK_FLOPS if device.type == "mps" else cpu_peak_flops()
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_peak_flops() -> float:
-    """CPUs vary too much for a table: measure the best fp32 matmul rate here (about a second).
-
-    The fastest single multiply counts (a burst of load from other jobs slows some, rarely all), and the best
-    rate ever measured on this machine at this thread count is kept in ~/.cache/chatforge, so a run started on
-    a busy machine does not take a low peak and print an MFU that is too high.
-    """
-    best, g = 0.0, torch.Generator().manual_seed(0)  # own generator: the training RNG stream stays untouched
-    for n in (1024, 2048):
-        a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-        a @ b
-        for _ in range(4):
-            t0 = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
-    return _best_seen_cpu_peak(best)
-
-
-def _best_seen_cpu_peak(measured: float) -> float:
-    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "chatforge" / "cpu_peak.json"
-    key = f"{platform.machine()} {platform.processor() or platform.node()} threads={torch.get_num_threads()}"
-    try:
-        seen = json.loads(path.read_text())
-    except (OSError, ValueError):
-        seen = {}
-    best = max(measured, float(seen.get(key, 0.0)) if isinstance(seen, dict) else 0.0)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**(seen if isinstance(seen, dict) else {}), key: best}))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only home: use this run's measurement
-    return best
+    return machine.cpu_peak_flops("float32")
 
 
 def seed_everything(seed: int) -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from chatforge import benchmarks as bm
+from chatforge import tasks as bm
 from chatforge.config import ModelConfig, TokenizerConfig
-from chatforge.engine import pick_device
+from chatforge.distributed import pick_device
 from chatforge.export import export_hf
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from chatforge.config import ModelConfig, TokenizerConfig
-from chatforge.engine import Engine, pick_device
+from chatforge.distributed import pick_device
+from chatforge.engine import Engine
 from chatforge.export import export_hf
 from chatforge.model import GPT
 from chatforge.tokenizer import Tokenizer

@@ -3,7 +3,7 @@
 Random uint16 token shards in the real shard format (chatforge.data.shards.pack_header) are written under
 /tmp, then each size trains the same small model for a few hundred steps in its own subprocess (the real
 TokenLoader.from_dir memory-map path and the real train()), and the peak resident set sizes are compared.
-Goal (issue 3): the 1 GB run uses at most 100 MB more than the 10 MB run.
+Goal: the 1 GB run uses at most 100 MB more than the 10 MB run.
 
     .venv/bin/python benchmarks/bench_memory.py [--big-mb 1024] [--small-mb 10] [--steps 300] [--keep]
 """

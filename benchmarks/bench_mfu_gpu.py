@@ -2,7 +2,7 @@
 
 It runs the real chatforge training step (train.loss_sum, the trainer's optimizer and autocast) on random
 tokens for a fixed time budget and prints tokens/s and MFU = FLOPs per token x tokens/s / peak bf16 FLOP/s
-(the same FLOP count and peak table the trainer's progress bar uses). The goal in issue 3 is >= 50% on an H100.
+(the same FLOP count and peak table the trainer's progress bar uses). The goal is >= 50% on an H100.
 Whole run, compile included: about 2-4 minutes.
 
     python benchmarks/bench_mfu_gpu.py [--batch 16] [--seconds 60] [--no-compile]

@@ -39,16 +39,14 @@ def timed(fn) -> tuple[float, object]:
 
 def decode_nll(engine: Engine, ids: list[int]) -> tuple[float, int]:
     """Summed negative log-likelihood of ids[1:] through the engine's single-row decode step (teacher forced)."""
-    engine._prepared()
-    step = engine._decode_one_int4 if engine.weights == "int4" else engine._decode_one
     cache = engine.new_cache(1, len(ids))
     nll = 0.0
     with torch.inference_mode():
-        logits = engine._forward(torch.tensor([ids[:1]]), torch.zeros(1, 1, dtype=torch.long), None, cache)
+        logits = engine.prefill(torch.tensor([ids[:1]]), cache)
         for t in range(1, len(ids)):
             nll -= float(logits.float().log_softmax(-1)[0, ids[t]])
             if t + 1 < len(ids):
-                logits = step(torch.tensor([[ids[t]]]), torch.tensor([[t]]), None, cache)
+                logits = engine.decode_step(torch.tensor([[ids[t]]]), cache)
     return nll, len(ids) - 1
 
 

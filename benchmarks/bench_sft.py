@@ -25,7 +25,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def gsm8k_val_items(sft_val: Path, gsm_path: Path) -> list[dict]:
     """GSM8K problems that the SFT split held out (by question hash), as scorer items."""
-    from chatforge.benchmarks import extract_answer
+    from chatforge.tasks import extract_answer
 
     items = []
     for line in sft_val.read_text(encoding="utf-8").splitlines():
@@ -52,7 +52,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     from chatforge import stages
-    from chatforge.benchmarks import score_gsm8k
+    from chatforge.tasks import score_gsm8k
     from chatforge.checkpoint import list_checkpoints, load_model, resolve_checkpoint
     from chatforge.config import load_config
     from chatforge.engine import Engine

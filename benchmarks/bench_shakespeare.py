@@ -23,7 +23,7 @@ import torch
 from chatforge.config import load_config
 from chatforge.data.loader import TokenLoader, iter_eval_batches
 from chatforge.model import GPT
-from chatforge.train import evaluate, train
+from chatforge.train import train, val_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -82,7 +82,7 @@ def main() -> None:
         print(f"{r['step']:5d} {t:7.1f}  {r['train_loss'] or float('nan'):.4f}  {r['val_loss']:.4f}")
         if hit is None and r["val_loss"] <= TARGET:
             hit = (r["step"], t)
-    full = evaluate(model, iter_eval_batches([va], 64, T), torch.device("cpu"))
+    full = val_loss(model, iter_eval_batches([va], 64, T), torch.device("cpu"))
     print(f"wall {wall:.1f} s (train() incl. evals and checkpoint), {res['tokens']:,} tokens, "
           f"{res['tokens'] / res['seconds']:,.0f} tok/s")
     print(f"final val loss: {res['final_val_loss']:.4f} (random batches), {full:.4f} (full split)")

@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from chatforge.config import TokenizerConfig  # noqa: E402
 from chatforge.data.shards import open_shards, write_shards  # noqa: E402
-from chatforge.tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, available_cores,  # noqa: E402
-                                 compression_report)
+from chatforge.chat_format import SPECIAL_TOKENS  # noqa: E402
+from chatforge.tokenizer import Tokenizer, available_cores, compression_report  # noqa: E402
+from chatforge.tokenizer_train import SPLIT_PATTERN  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 

@@ -116,7 +116,7 @@ def test_async_streams_match_and_free_their_rows(engine, tok):
     assert row_steps < 4 * 12 + 30  # it stopped long before its 200 tokens (or the context's end)
 
 
-def test_lora_wrapped_model_is_served_one_row_at_a_time(tok):
+def test_lora_wrapped_model_batches_through_its_adapters(tok):
     pytest.importorskip("peft")
     from chatforge.lora import LoraSettings, add_lora
 
@@ -129,9 +129,11 @@ def test_lora_wrapped_model_is_served_one_row_at_a_time(tok):
                 p.normal_(0, 0.5)  # a non-zero adapter: decoding must go through it
     eng = Engine(model.eval(), tok)
     b = Batcher(eng, max_batch=8)
-    assert b.max_batch == 1
     jobs = [dict(prompt_ids=p, max_new_tokens=12, temperature=0) for p in prompts(tok)[:3]]
-    assert run_concurrently(b, jobs) == [alone(eng, j) for j in jobs]
+    got = run_concurrently(b, jobs)
+    assert got == [alone(eng, j) for j in jobs]
+    assert got != [alone(Engine(make_model(tok, seed=4), tok), j) for j in jobs]  # the adapters are in effect
+    assert b.row_steps > b.steps  # rows shared decode steps (GPT.forward, through the adapters)
 
 
 def test_bad_prompt_is_refused(engine):

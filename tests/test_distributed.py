@@ -105,3 +105,56 @@ def test_single_process_setup_and_helpers(monkeypatch):
         wrap_model(m, "zero3")
     with autocast_ctx("cpu"):
         assert torch.get_autocast_dtype("cpu") is not None and not torch.is_autocast_enabled("cpu")
+
+
+def _tiny_gpt(dropout: float = 0.1):
+    from chatforge.config import ModelConfig
+    from chatforge.model import GPT
+
+    torch.manual_seed(0)
+    return GPT(ModelConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, seq_len=16, vocab_size=64, dropout=dropout))
+
+
+def test_parallelize_checkpoints_blocks_with_same_loss_gradients_and_names():
+    from chatforge.config import TrainConfig
+    from chatforge.distributed import DistInfo, parallelize, unparallelize
+    from chatforge.train import loss_sum
+
+    g = torch.Generator().manual_seed(1)
+    batch = {"x": torch.randint(0, 64, (3, 16), generator=g), "y": torch.randint(0, 64, (3, 16), generator=g)}
+    results = []
+    for ac in (False, True):
+        model = _tiny_gpt()  # dropout on: the recomputed forward must replay the same masks
+        keys = list(model.state_dict())
+        blocks = list(model.layers)
+        calls = []
+        for b in blocks:
+            b.register_forward_pre_hook(lambda *_: calls.append(1))
+        cfg = TrainConfig(activation_checkpointing=ac, compile="off")
+        wrapped = parallelize(model, cfg, DistInfo())
+        assert wrapped is model  # one process: no DDP wrapper
+        assert list(model.state_dict()) == keys  # checkpoints keep their names
+        model.load_state_dict(model.state_dict())  # a checkpoint loads back into the wrapped model
+        torch.manual_seed(5)
+        s, _ = loss_sum(wrapped, batch)
+        s.backward()
+        assert len(calls) == (4 if ac else 2)  # each block ran again in backward: it was checkpointed
+        assert unparallelize(model) is model and list(model.layers) == blocks  # the plain blocks are back
+        results.append((s.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss0, grads0), (loss1, grads1) = results
+    assert loss0 == loss1
+    for n in grads0:
+        assert torch.allclose(grads0[n], grads1[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_parallelize_rejects_an_unknown_compile_setting():
+    from chatforge.config import TrainConfig
+    from chatforge.distributed import DistInfo, parallelize
+
+    with pytest.raises(UserError, match="compile"):
+        parallelize(_tiny_gpt(), TrainConfig(compile="sometimes"), DistInfo())
+
+
+def test_pick_device_takes_a_device_or_a_name():
+    assert pick_device(torch.device("cpu")) == torch.device("cpu")
+    assert pick_device(None).type in ("cuda", "mps", "cpu")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import textwrap
@@ -169,7 +170,10 @@ def test_history_is_trimmed_to_fit_context(engine, tok):
     fitted = engine.fit_messages(msgs, max_new_tokens=20)
     assert fitted[0] == msgs[0] and fitted[-1] == msgs[-1] and len(fitted) < len(msgs)
     assert len(tok.render_chat(fitted, add_generation_prompt=True)[0]) + 20 <= engine.seq_len
-    assert isinstance(engine.chat(msgs, max_new_tokens=20, temperature=0), str)
+    # The reply is the greedy continuation of exactly the fitted conversation.
+    ids, _ = tok.render_chat(fitted, add_generation_prompt=True)
+    want = "".join(engine.stream(ids, max_new_tokens=20, temperature=0, stop_ids=tok.stop_ids))
+    assert want and engine.chat(msgs, max_new_tokens=20, temperature=0) == want
 
 
 def test_incremental_decoder_roundtrip(tok):
@@ -185,11 +189,17 @@ def test_run_chat_commands(engine):
     inp = io.StringIO("hello\n/system You are a pirate.\nhi again\n/reset\n\nhow are you\n/quit\nnever read\n")
     out = io.StringIO()
     history = run_chat(engine, max_new_tokens=5, temperature=0, input_stream=inp, output_stream=out)
-    text = out.getvalue()
-    assert "system prompt set" in text and "history cleared" in text
     # After /reset only the last exchange remains, with the pirate system prompt kept.
     assert [m["role"] for m in history] == ["system", "user", "assistant"]
     assert history[0]["content"] == "You are a pirate." and history[1]["content"] == "how are you"
+    # Each reply is the engine's greedy reply to the conversation so far (system prompt and history included).
+    pirate = {"role": "system", "content": "You are a pirate."}
+    r1 = engine.chat([{"role": "user", "content": "hello"}], max_new_tokens=5, temperature=0)
+    r2 = engine.chat([pirate, {"role": "user", "content": "hello"}, {"role": "assistant", "content": r1},
+                      {"role": "user", "content": "hi again"}], max_new_tokens=5, temperature=0)
+    r3 = engine.chat(history[:2], max_new_tokens=5, temperature=0)
+    assert history[2]["content"] == r3
+    assert out.getvalue() == f"{r1}\n[system prompt set]\n{r2}\n[history cleared]\n{r3}\n"
 
 
 def test_run_chat_piped_subprocess(tmp_path, tok):
@@ -207,35 +217,82 @@ def test_run_chat_piped_subprocess(tmp_path, tok):
         cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, seq_len=128, vocab_size=tok.vocab_size)
         m = GPT(cfg); m.load_state_dict(torch.load({str(tmp_path / 'model.pt')!r}))
         h = run_chat(Engine(m, tok), max_new_tokens=4, temperature=0)
-        print("TURNS", len(h))
+        import json
+        print("HISTORY", json.dumps(h))
     """)
     r = subprocess.run([sys.executable, "-c", script], input="one\ntwo\n", capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "TURNS 4" in r.stdout  # two user turns, two replies; EOF ends the chat cleanly
+    # Two user turns, two replies (the same model's greedy replies here); EOF ends the chat cleanly.
+    engine = Engine(make_model(tok), tok)
+    one, two = {"role": "user", "content": "one"}, {"role": "user", "content": "two"}
+    r1 = engine.chat([one], max_new_tokens=4, temperature=0)
+    r2 = engine.chat([one, {"role": "assistant", "content": r1}, two], max_new_tokens=4, temperature=0)
+    history = [one, {"role": "assistant", "content": r1}, two, {"role": "assistant", "content": r2}]
+    assert r.stdout == f"{r1}\n{r2}\nHISTORY {json.dumps(history)}\n", r.stdout
 
 
-@pytest.mark.parametrize("kw", [dict(qk_norm=True), dict(qk_norm=False, tie_embeddings=False, n_kv_head=4)])
-def test_fast_decode_path_matches_plain_forward(tok, kw):
-    # The cached path uses Engine._decode_step (fused weights); the uncached one the model's own blocks.
+KINDS = [dict(qk_norm=True), dict(qk_norm=False, tie_embeddings=False, n_kv_head=4)]
+
+
+@pytest.mark.parametrize("kw", KINDS)
+def test_cached_greedy_equals_uncached(tok, kw):
+    # Cached: prefill + decode_step (one row on the CPU: cpu_decode.decode_one); uncached: the whole sequence.
     model = make_model(tok, seed=3, **kw)
     eng = Engine(model, tok)
     prompts = [[tok.bos_id] + tok.encode("Once upon"), [tok.bos_id]]
     assert eng.generate(prompts, 25, temperature=0) == eng.generate(prompts, 25, temperature=0, use_cache=False)
-    for p in prompts:  # a single row decodes with Engine._decode_one
+    for p in prompts:
         assert eng.generate(p, 25, temperature=0) == eng.generate(p, 25, temperature=0, use_cache=False)
-    # And the logits themselves agree closely, step by step, over a few steps (the cache fills).
-    ids = torch.tensor([prompts[0]])
+
+
+@pytest.mark.parametrize("kw", KINDS)
+def test_cached_decode_logits_equal_full_forward_at_every_position(tok, kw):
+    """Prefill, then one token at a time through the KV cache: the logits of every step equal the full
+    forward's at that position. A key written to or read from the wrong column, or a wrong position, fails
+    this: for a left-padded batch, for one row (decode_one, and GPT.forward), and for rows of different
+    lengths sharing a cache (a column per row, as the batcher decodes)."""
+    model = make_model(tok, seed=3, **kw)
+    eng = Engine(model, tok)
+    rows = [[tok.bos_id] + tok.encode(t) for t in ["Once upon a time there was", "Hi", "The quick brown fox"]]
+    lens = [len(r) for r in rows]
+    L = max(lens)
+    pad = torch.tensor([L - n for n in lens]).unsqueeze(1)
+    ids = torch.tensor([[tok.pad_id] * (L - len(r)) + r for r in rows])
+    cols = torch.arange(L).unsqueeze(0)
+    mask, pos = cols >= pad, (cols - pad).clamp(min=0)
+    alone = [model(torch.tensor([r]))[0].detach() for r in rows]
+
+    def close(a, b):
+        return torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
     with torch.inference_mode():
-        for step in (eng._decode_step, eng._decode_one):
-            cache = eng.new_cache(1, 64)
-            eng._forward(ids, torch.arange(ids.shape[1])[None], None, cache)
-            seq = ids
-            for nxt in (11, 5, 23):
-                seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
-                fast = step(seq[:, -1:], torch.tensor([[seq.shape[1] - 1]]), None, cache)
-                full = model(seq)[:, -1]
-                assert torch.allclose(fast, full, atol=1e-5), step.__name__
+        full = model(ids, position_ids=pos, mask=mask)
+        assert all(close(full[b, L - n:], alone[b]) for b, n in enumerate(lens))  # padding changes nothing
+        start = L - min(lens) + 1  # every row has a real token in the prefill
+        cache = eng.new_cache(len(rows), L)
+        got = [eng.prefill(ids[:, :start], cache, positions=pos[:, :start], mask=mask)]
+        for t in range(start, L):
+            got.append(eng.decode_step(ids[:, t:t + 1], cache, positions=pos[:, t:t + 1], mask=mask))
+        assert cache.pos == L and close(torch.stack(got, 1), full[:, start - 1:])
+
+        r = torch.tensor([rows[0]])
+        for step in (eng.decode_step, lambda x, c: model(x, kv_cache=c)[:, -1]):
+            cache = eng.new_cache(1, L)
+            got = [eng.prefill(r[:, :1], cache)] + [step(r[:, t:t + 1], cache) for t in range(1, L)]
+            assert close(torch.cat(got), alone[0])
+
+        cache = eng.new_cache(len(rows), L)
+        first = [eng.prefill(torch.tensor([r[:1 + b]]), cache.rows(b, b + 1)) for b, r in enumerate(rows)]
+        assert all(close(f[0], alone[b][b]) for b, f in enumerate(first))
+        n = [1 + b for b in range(len(rows))]  # tokens in the cache, per row
+        while all(k < m for k, m in zip(n, lens)):
+            x = torch.tensor([[r[k]] for r, k in zip(rows, n)])
+            view = cache.rows(0, len(rows), pos=list(n))
+            out = eng.decode_step(x, view)
+            assert all(close(out[b], alone[b][k]) for b, k in enumerate(n))
+            n = [k + 1 for k in n]
+            assert view.pos == n
 
 
 def test_stream_resumed_on_other_threads(engine, tok):

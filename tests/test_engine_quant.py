@@ -4,10 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatforge.config import ModelConfig
+from chatforge import cpu_decode
 from chatforge.engine import Engine
 from chatforge.errors import UserError
-from chatforge.model import GPT
 from chatforge.quant import GROUP, Int4Weight, int4_available
 from chatforge.tokenizer import Tokenizer
 from test_engine import make_model, make_tok
@@ -33,15 +32,14 @@ def q4_1_grid(w: torch.Tensor) -> torch.Tensor:
 
 def decode_logits(engine: Engine, ids: list[int], greedy: bool = False) -> list[torch.Tensor]:
     """Teacher-forced single-row decode: the logits after each of ids[1:], from the engine's decode step."""
-    engine._prepared()
-    step = engine._decode_one_int4 if engine.weights == "int4" else engine._decode_one
     cache = engine.new_cache(1, len(ids))
-    out = []
-    with torch.inference_mode():
-        engine._forward(torch.tensor([ids[:1]]), torch.zeros(1, 1, dtype=torch.long), None, cache)
-        for t in range(1, len(ids)):
-            out.append(step(torch.tensor([[ids[t]]]), torch.tensor([[t]]), None, cache, greedy=greedy)[0].clone())
-    return out
+    engine.prefill(torch.tensor([ids[:1]]), cache)
+    return [engine.decode_step(torch.tensor([[i]]), cache, greedy=greedy)[0].clone() for i in ids[1:]]
+
+
+def force_screen(monkeypatch, on: bool) -> None:
+    """The bf16-screened head whatever this CPU has (decode weights are built at the engine's first prefill)."""
+    monkeypatch.setattr(cpu_decode, "bf16_matmul_fast", lambda: on)
 
 
 # ---- quant.Int4Weight -------------------------------------------------------------------------------------
@@ -117,8 +115,10 @@ def test_int4_generate_sampling_and_batches_run(tok):
     assert len(out) == 8 and all(0 <= t < model.cfg.vocab_size for t in out)
     assert eng.generate(ids, max_new_tokens=8, temperature=0.8, seed=0)[0] == out  # same seed, same tokens
     two = eng.generate([ids, ids + ids[1:]], max_new_tokens=4, temperature=0)  # batches decode in fp32
-    assert len(two) == 2 and all(len(r) == 4 for r in two)
-    assert "".join(eng.stream(ids, max_new_tokens=4, temperature=0)) is not None
+    assert two == Engine(model, tok).generate([ids, ids + ids[1:]], max_new_tokens=4, temperature=0)
+    greedy = eng.generate(ids, max_new_tokens=4, temperature=0)[0]  # one row: the int4 weights
+    streamed = eng.stream(ids, max_new_tokens=4, temperature=0)
+    assert "".join(streamed) == tok.decode(greedy) and streamed.n_tokens == 4 and streamed.finish_reason == "length"
 
 
 def test_weights_option_errors(tok):
@@ -133,26 +133,22 @@ def test_weights_option_errors(tok):
 
 
 # ---- greedy decoding through the bf16-screened head (fp32 weights) -----------------------------------------------
-def test_greedy_head_keeps_the_fp32_argmax(tok):
-    """_greedy_head reads a bf16 head and recomputes the rows near the top in fp32: its argmax must be the
+def test_greedy_head_keeps_the_fp32_argmax(tok, monkeypatch):
+    """greedy_head reads a bf16 head and recomputes the rows near the top in fp32: its argmax must be the
     fp32 logits' argmax at every step, and its value there the fp32 value. Forced on whatever the CPU."""
     model = make_model(tok, seed=5, tie_embeddings=False)
     ids = [tok.bos_id] + tok.encode("The quick brown fox jumps over the lazy dog. " * 2)
-    eng = Engine(model, tok)
-    eng._prepared()
-    ref = decode_logits(eng, ids, greedy=False)
-    eng._screen = eng._screen_weights()
-    got = decode_logits(eng, ids, greedy=True)
+    force_screen(monkeypatch, False)
+    plain = Engine(model, tok)
+    ref = decode_logits(plain, ids, greedy=True)  # no screen: exact logits whatever greedy says
+    force_screen(monkeypatch, True)
+    screened = Engine(model, tok)
+    got = decode_logits(screened, ids, greedy=True)
+    assert screened._decode[1].screen is not None
     for r, g in zip(ref, got):
         i = int(r.argmax())
         assert int(g.argmax()) == i
         assert abs(float(g[i] - r[i])) <= 1e-4 * float(r.abs().max())
-    plain = Engine(model, tok)
-    plain._prepared()
-    plain._screen = None
-    screened = Engine(model, tok)
-    screened._prepared()
-    screened._screen = screened._screen_weights()
     prompt = ids[:5]
     assert screened.generate(prompt, max_new_tokens=30, temperature=0)[0] == \
         plain.generate(prompt, max_new_tokens=30, temperature=0)[0]
@@ -161,20 +157,12 @@ def test_greedy_head_keeps_the_fp32_argmax(tok):
 def test_greedy_head_on_near_ties():
     """Rows whose logits differ by less than bf16's resolution: the screen must keep them all and pick the
     exact winner (a bf16-only head would see a tie and could pick either)."""
-    tok_stub = type("T", (), {"vocab_size": 64, "pad_id": 0})()
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, seq_len=16,
-                            tie_embeddings=False)).eval()
-    eng = Engine(model, tok_stub)
-    eng._prepared()
-    eng._screen = eng._screen_weights()
-    w = model.lm_head.weight
+    w = torch.randn(64, 32)
     h = torch.randn(1, 32)
-    with torch.no_grad():
-        w[3] = 3 * h[0] / h.norm()  # the best row by far
-        w[7] = w[3] * (1 + 1e-4)  # the same row up to a factor far below bf16's 2^-8: the exact winner
-    eng._screen = eng._screen_weights()
+    w[3] = 3 * h[0] / h.norm()  # the best row by far
+    w[7] = w[3] * (1 + 1e-4)  # the same row up to a factor far below bf16's 2^-8: the exact winner
     with torch.inference_mode():
-        got = eng._greedy_head(h.clone())
+        got = cpu_decode.greedy_head(h.clone(), cpu_decode.screen_weights(w), w)
     exact = h @ w.t()
     assert int(got.argmax()) == int(exact.argmax()) == 7

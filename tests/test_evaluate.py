@@ -156,3 +156,52 @@ def test_add_bos_scores_first_token(char_tok):
     res = evaluate_text(model, char_tok, [TEXT[:40]], seq_len=16, stride=8, add_bos=True)
     assert res["tokens"] == len(char_tok.encode(TEXT[:40]))
     assert res["bytes"] == len(TEXT[:40].encode())
+
+
+def test_one_function_serves_training_and_the_eval_stage():
+    """evaluate_lm (head only at targets, packed documents) against both former computations: training's
+    summed loss per target token, and the eval stage's full-logit per-row metrics with standard errors."""
+    from chatforge.train import loss_sum, val_loss
+
+    vocab = 48
+    model = tiny_gpt(vocab)
+    batches = random_batches(vocab, n=3, B=4, T=16, ignore_frac=0.3, seed=7)
+    for b in batches[:2]:  # SFT-like rows: targets end early, the rest is padding
+        b["y"][:, 12:] = -100
+    batches[2]["doc_ids"] = (torch.arange(16) >= 9).long().expand(4, 16)  # two packed documents per row
+    token_bytes = np.arange(vocab) % 3 + 1
+    res = evaluate_lm(model, batches, device="cpu", token_bytes=token_bytes)
+
+    with torch.no_grad():
+        model.eval()
+        sums = [loss_sum(model, b) for b in batches]
+        rows = []  # per row: nll sum, top-1 hits, top-5 hits, targets, bytes; from every position's logits
+        for b in batches:
+            logits = model(b["x"], **({"doc_ids": b["doc_ids"]} if "doc_ids" in b else {})).double()
+            for lg, y in zip(logits, b["y"]):
+                keep = y != -100
+                lg, y = lg[keep], y[keep]
+                nll = F.cross_entropy(lg, y, reduction="sum").item()
+                top = lg.topk(5, -1).indices
+                rows.append((nll, (top[:, 0] == y).sum().item(), (top == y[:, None]).any(-1).sum().item(),
+                             len(y), token_bytes[y.numpy()].sum()))
+        model.train()
+    train_loss = sum(s.item() for s, _ in sums) / sum(n for _, n in sums)
+    assert val_loss(model, batches, torch.device("cpu")) == pytest.approx(train_loss, rel=1e-6)
+    assert res["loss"] == pytest.approx(train_loss, rel=1e-6)
+
+    r = np.array([row for row in rows if row[3] > 0], dtype=np.float64)
+    n, total = r[:, 3], r[:, 3].sum()
+
+    def mean_se(col):
+        mean = r[:, col].sum() / total
+        resid = r[:, col] - mean * n
+        return mean, math.sqrt(len(r) / (len(r) - 1) * (resid ** 2).sum()) / total
+
+    for key, col in (("loss", 0), ("acc", 1), ("top5", 2)):
+        mean, se = mean_se(col)
+        assert res[key] == pytest.approx(mean, rel=1e-5), key
+        assert res[f"{key}_se"] == pytest.approx(se, rel=1e-4), key
+    assert (res["tokens"], res["sequences"], res["bytes"]) == (int(total), len(r), int(r[:, 4].sum()))
+    assert res["bpb"] == pytest.approx(r[:, 0].sum() / math.log(2) / r[:, 4].sum(), rel=1e-5)
+    assert set(evaluate_lm(model, batches, accuracy=False)) == {"loss", "loss_se", "ppl", "tokens", "sequences"}

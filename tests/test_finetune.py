@@ -2,6 +2,7 @@
 starting point, the evidence file, exact LoRA resume, bad input skipped and counted."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -16,7 +17,8 @@ from chatforge.config import load_config
 from chatforge.data.loader import IGNORE, SFTLoader
 from chatforge.engine import Engine
 from chatforge.errors import UserError
-from chatforge.finetune import held_out_prompts, load_start, run_finetune
+from chatforge.evidence import held_out
+from chatforge.finetune import load_start, run_finetune
 from chatforge.lora import load_adapter
 from chatforge.paths import RunPaths
 from chatforge.tokenizer import Tokenizer
@@ -32,6 +34,18 @@ TINY = ["tokenizer.vocab_size=400", "model.n_layer=2", "model.n_head=2", "model.
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _with(cfg, **settings):
+    """A copy of cfg with these finetune.* settings (as --input/--init/--mode/--lora-* set them)."""
+    c = copy.deepcopy(cfg)
+    for key, value in settings.items():
+        setattr(c.finetune, key, value)
+    return c
+
+
+def ft(cfg, paths, force: bool = False, resume: bool = False, **settings):
+    return run_finetune(_with(cfg, **settings), paths, force=force, resume=resume)
 
 
 def hello_records(n: int = 300) -> list[dict]:
@@ -78,7 +92,7 @@ def sha(p: Path) -> str:
 
 def test_full_sft_writes_evidence(base_run, tmp_path):
     cfg, paths = clone_run(base_run, tmp_path)
-    out = run_finetune(cfg, paths, eval_prompts=10)
+    out = ft(cfg, paths, eval_prompts=10)
     ev = json.loads((paths.finetune / "finetune_eval.json").read_text())
     assert ev == json.loads(json.dumps(out["eval"], default=float))
     b, a = ev["before"], ev["after"]
@@ -102,7 +116,7 @@ def test_lora_sft_adapter_merge_and_exact_resume(base_run, tmp_path):
                            "finetune.steps=6", "finetune.eval_every=3", "finetune.log_every=1")
     base_ckpt = resolve_checkpoint(paths.pretrain / "ckpt", "best")
     base_hash = sha(base_ckpt / "model.safetensors")
-    run_finetune(cfg, paths, lora_rank=4, lora_dropout=0.1, eval_prompts=2)
+    ft(cfg, paths, lora_rank=4, lora_dropout=0.1, eval_prompts=2)
     straight = losses(paths.finetune / "metrics.jsonl")
 
     # The adapter alone, small; the merged model an ordinary checkpoint equal to base + adapter.
@@ -122,15 +136,15 @@ def test_lora_sft_adapter_merge_and_exact_resume(base_run, tmp_path):
     # Stop at step 3, resume to 6: the same losses as the straight run, bit for bit.
     cfg3, _ = clone_run(base_run, tmp_path / "x", "finetune.schedule=constant", "finetune.warmup_steps=0",
                         "finetune.steps=3", "finetune.eval_every=3", "finetune.log_every=1")
-    run_finetune(cfg3, paths, lora_rank=4, lora_dropout=0.1, eval_prompts=0, force=True)
+    ft(cfg3, paths, lora_rank=4, lora_dropout=0.1, eval_prompts=0, force=True)
     with pytest.raises(UserError, match="lora"):
-        run_finetune(cfg, paths, lora_rank=8, lora_dropout=0.1, eval_prompts=0, resume=True)
-    run_finetune(cfg, paths, lora_rank=4, lora_dropout=0.1, eval_prompts=0, resume=True)
+        ft(cfg, paths, lora_rank=8, lora_dropout=0.1, eval_prompts=0, resume=True)
+    ft(cfg, paths, lora_rank=4, lora_dropout=0.1, eval_prompts=0, resume=True)
     resumed = losses(paths.finetune / "metrics.jsonl")
     assert sorted(resumed["train"]) == [1, 2, 3, 4, 5, 6] and resumed == straight
     # A full fine-tune cannot "resume" the merged LoRA checkpoint.
     with pytest.raises(UserError, match="merged LoRA"):
-        run_finetune(cfg, paths, resume=True, eval_prompts=0)
+        ft(cfg, paths, resume=True, eval_prompts=0)
 
 
 def test_continued_pretraining_on_domain_text(base_run, tmp_path):
@@ -141,16 +155,16 @@ def test_continued_pretraining_on_domain_text(base_run, tmp_path):
         (domain / f"doc{i}.txt").write_text("\n".join(
             f"Step {k}: stir the {['soup', 'sauce', 'dough'][(i + k) % 3]} for {k + i} minutes, then add salt."
             for k in range(30)))
-    out = run_finetune(cfg, paths, mode="cpt", inputs=[str(domain)], eval_prompts=3)
+    out = ft(cfg, paths, mode="cpt", inputs=[str(domain)], eval_prompts=3)
     ev = out["eval"]
     assert ev["mode"] == "cpt" and (paths.finetune / "tokens" / "train").is_dir()
     assert ev["after"]["domain_val_loss"] < ev["before"]["domain_val_loss"] - 0.5
     assert ev["after"]["general_val_loss"] is not None and ev["after"]["chat_val_loss"] is not None
     assert load_model(resolve_checkpoint(paths.finetune / "ckpt", "best"))[1]["mode"] == "cpt"
     with pytest.raises(UserError, match="domain text"):
-        run_finetune(cfg, paths, mode="cpt", force=True)
+        ft(cfg, paths, mode="cpt", force=True)
     with pytest.raises(UserError, match="mode"):
-        run_finetune(cfg, paths, mode="dpo", force=True)
+        ft(cfg, paths, mode="ppo", force=True)
 
 
 def hf_dir_from(tok_dir: Path, out: Path, arch: str) -> Path:
@@ -177,14 +191,14 @@ def test_hf_starting_point_identical_logits(base_run, tmp_path, arch):
     cfg, paths = base_run
     hf_dir, hf_model = hf_dir_from(paths.tokenizer, tmp_path / "hf", arch)
     fresh = RunPaths(tmp_path / "fresh")  # a run with no tokenizer yet: the HF folder's becomes the run's
-    model, tok, src, kind = load_start(cfg, fresh, str(hf_dir))
+    model, tok, src, kind = load_start(_with(cfg, init_from=str(hf_dir)), fresh)
     assert kind == "hf" and (fresh.tokenizer / "tokenizer.json").is_file() and tok.hash == Tokenizer.load(paths.tokenizer).hash
     x = torch.randint(0, tok.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(x), hf_model(x).logits, atol=1e-5, rtol=1e-5)
     if arch == "llama":  # fine-tune it end to end (chat data given with --input)
         c = load_config(None, TINY + ["finetune.steps=4", "finetune.eval_every=0"])
-        out = run_finetune(c, fresh, init=str(hf_dir), inputs=cfg.sft.inputs, eval_prompts=2)
+        out = ft(c, fresh, init_from=str(hf_dir), inputs=cfg.sft.inputs, eval_prompts=2)
         assert out["eval"]["init_kind"] == "hf" and out["eval"]["before"]["general_val_loss"] is None
         assert Engine.from_run(fresh.root, "finetune", device="cpu").model.cfg.n_embd == 32
 
@@ -200,7 +214,7 @@ def test_hf_tokenizer_that_disagrees_with_its_files_is_refused(base_run, tmp_pat
     foreign.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"]))
     foreign.save(str(hf_dir / "tokenizer.json"))
     with pytest.raises(UserError, match="is not in"):  # its tokenizer_config.json names <|bos|>, absent here
-        load_start(cfg, RunPaths(tmp_path / "fresh"), str(hf_dir))
+        load_start(_with(cfg, init_from=str(hf_dir)), RunPaths(tmp_path / "fresh"))
 
 
 def test_held_out_prompts_spread_over_the_sources(tmp_path):
@@ -208,9 +222,9 @@ def test_held_out_prompts_spread_over_the_sources(tmp_path):
     recs = [{"messages": [{"role": "user", "content": f"{src} {i}"}, {"role": "assistant", "content": "a"}]}
             for src in ("alpaca", "gsm8k") for i in range(10)]
     val.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    prompts = held_out_prompts(val, 4)
+    prompts = [it["messages"] for it in held_out(val, 4)]
     assert [p[-1]["content"] for p in prompts] == ["alpaca 0", "alpaca 5", "gsm8k 0", "gsm8k 5"]
-    assert len(held_out_prompts(val, 50)) == 20
+    assert len(held_out(val, 50)) == 20
 
 
 def test_bad_chat_input_is_skipped_and_counted(base_run, tmp_path):
@@ -225,7 +239,7 @@ def test_bad_chat_input_is_skipped_and_counted(base_run, tmp_path):
         {"messages": [{"role": "user", "content": long}, {"role": "assistant", "content": "ok"}]},  # no room
     ]
     f = write_jsonl(tmp_path / "mixed.jsonl", bad + hello_records(40))
-    ev = run_finetune(cfg, paths, inputs=[str(f)], eval_prompts=0)["eval"]
+    ev = ft(cfg, paths, inputs=[str(f)], eval_prompts=0)["eval"]
     assert ev["data"]["skipped"] == {"bad_order": 1, "empty": 1, "no_assistant": 1, "non_string_content": 1}
     tr, va = ev["data"]["train"], ev["data"]["val"]
     assert tr["truncated"] + va["truncated"] == 2  # both long conversations were over the context ...
@@ -234,7 +248,7 @@ def test_bad_chat_input_is_skipped_and_counted(base_run, tmp_path):
 
     only_bad = write_jsonl(tmp_path / "bad.jsonl", bad[:4])
     with pytest.raises(UserError, match="no usable chat examples") as e:
-        run_finetune(cfg, paths, inputs=[str(only_bad)], force=True)
+        ft(cfg, paths, inputs=[str(only_bad)], force=True)
     assert "\n" not in str(e.value)
 
 

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from chatforge.chat_format import CHAT_TEMPLATE
 from chatforge.checkpoint import save_checkpoint
 from chatforge.cli import main
 from chatforge.config import ModelConfig, TokenizerConfig
 from chatforge.errors import UserError
 from chatforge.gguf_export import export_gguf
-from chatforge.tokenizer import CHAT_TEMPLATE, Tokenizer
+from chatforge.tokenizer import Tokenizer
 from test_export import CORPUS, tiny
 
 gguf = pytest.importorskip("gguf")

@@ -3,6 +3,7 @@ load with the same logits, tokens and chat rendering as transformers computes fr
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -280,7 +281,7 @@ def test_chatforge_gguf_export_round_trips_through_import(tmp_path, qk_norm, out
 
 def test_demo_fine_tunes_a_pretrained_model_and_uses_the_better_one(tmp_path):
     """The demo's second half on a tiny GGUF: import, fine-tune on the same chats, compare, pick, report."""
-    from chatforge.stages import chat_paths
+    from chatforge.use import chat_paths
     from chatforge.paths import RunPaths
     gg = tmp_path / "tiny.gguf"
     write_tiny_gguf(gg, "Q8_0")
@@ -350,7 +351,7 @@ def test_imported_model_serves_chat_that_stops_at_its_end_of_turn(tmp_path, seed
 def test_imported_model_continued_pretraining_and_lora_sft(tmp_path):
     """Both fine-tuning modes run on an imported model; the loss on the learned data falls."""
     from chatforge.config import load_config
-    from chatforge.finetune import run_finetune
+    from test_finetune import ft
     from chatforge.paths import RunPaths
     from chatforge.stages import import_model
 
@@ -364,7 +365,7 @@ def test_imported_model_continued_pretraining_and_lora_sft(tmp_path):
                                "finetune.batch_size=4", "finetune.seq_len=64", "data.val_fraction=0.2", "data.min_chars=8"])
     paths = RunPaths(tmp_path / "run")
     import_model(cfg, paths, str(gg))
-    ev = run_finetune(cfg, paths, mode="cpt", inputs=[str(domain)], eval_prompts=0)["eval"]
+    ev = ft(cfg, paths, mode="cpt", inputs=[str(domain)], eval_prompts=0)["eval"]
     assert ev["after"]["domain_val_loss"] < ev["before"]["domain_val_loss"] - 0.5
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus one?"},
@@ -372,7 +373,7 @@ def test_imported_model_continued_pretraining_and_lora_sft(tmp_path):
                              for i in range(60)))
     cfg2 = load_config("tiny", ["finetune.steps=12", "finetune.eval_every=0", "finetune.lr=0.01",
                                 "finetune.batch_size=4", "finetune.lora_rank=8"])
-    ev2 = run_finetune(cfg2, paths, inputs=[str(chats)], eval_prompts=2, force=True)["eval"]
+    ev2 = ft(cfg2, paths, inputs=[str(chats)], eval_prompts=2, force=True)["eval"]
     assert ev2["lora"]["rank"] == 8 and ev2["after"]["chat_val_loss"] < ev2["before"]["chat_val_loss"] - 0.5
 
 
@@ -391,7 +392,11 @@ def test_eval_on_an_imported_run(tmp_path, capsys):
     with torch.no_grad():  # the same loss from the model directly: every token after the first, one window
         logits = model(torch.tensor([ids[:-1]]))
         want = torch.nn.functional.cross_entropy(logits[0], torch.tensor(ids[1:])).item()
-    assert abs(rows[0]["loss"] - want) < 1e-4 and rows[0]["bpb"] > 0
+    assert abs(rows[0]["loss"] - want) < 1e-4
+    # Bits per byte: the same total loss in bits over the UTF-8 bytes of the scored tokens (all but the first).
+    nbytes = sum(int(tok.token_bytes_lengths()[i]) for i in ids[1:])
+    assert nbytes == len(text.read_text().encode()) - int(tok.token_bytes_lengths()[ids[0]])
+    assert rows[0]["bpb"] == pytest.approx(want * (len(ids) - 1) / math.log(2) / nbytes, rel=1e-4)
     capsys.readouterr()
     assert main(["eval", str(run)]) == 2
     assert "--file" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from chatforge import benchmarks as bm
+from chatforge import tasks as bm
 from chatforge.config import ModelConfig, TokenizerConfig
 from chatforge.export import export_hf
 from chatforge.model import GPT
@@ -75,7 +75,7 @@ def exported_cross_space(tmp_path_factory):
     from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
 
-    from chatforge.tokenizer import SPECIAL_TOKENS
+    from chatforge.chat_format import SPECIAL_TOKENS
 
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

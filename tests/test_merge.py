@@ -10,7 +10,8 @@ import pytest
 
 from chatforge.config import DataConfig
 from chatforge.data.merge import merge_parts
-from chatforge.data.prepare import assign_files, iter_documents, plan_inputs, prepare_corpus
+from chatforge.data.documents import iter_documents
+from chatforge.data.prepare import assign_files, plan_inputs, prepare_corpus
 from chatforge.data.sources import expand_inputs, iter_records
 from chatforge.errors import UserError
 

@@ -11,7 +11,9 @@ import pytest
 
 from chatforge.config import DataConfig, SFTDataConfig
 from chatforge.data.clean import clean_text
-from chatforge.data.prepare import iter_documents, prepare_corpus, prepare_sft
+from chatforge.data.chat import prepare_sft
+from chatforge.data.documents import iter_documents
+from chatforge.data.prepare import prepare_corpus
 from chatforge.data.stdlib_corpus import iter_stdlib_documents, stdlib_chat_examples
 from chatforge.errors import UserError
 

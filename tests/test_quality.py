@@ -10,7 +10,8 @@ import pytest
 
 from chatforge.config import DataConfig
 from chatforge.data.clean import html_to_text
-from chatforge.data.prepare import iter_documents, prepare_corpus
+from chatforge.data.documents import iter_documents
+from chatforge.data.prepare import prepare_corpus
 from chatforge.data.quality import (QualityFilter, alpha_ratio, duplicate_line_fraction, mask_pii,
                                     mean_word_length, repeated_ngram_fraction, symbol_ratio)
 from chatforge.data.stdlib_corpus import iter_stdlib_documents

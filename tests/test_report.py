@@ -2,6 +2,8 @@
 import json
 import math
 
+import numpy as np
+from PIL import Image
 from rich.console import Console
 
 from chatforge.report import compare_runs, format_table, plot_loss_curves, print_table, read_metrics, write_report
@@ -28,6 +30,18 @@ def is_png(path) -> bool:
     return data[:8] == PNG_MAGIC and len(data) > 1000 and data[12:16] == b"IHDR"
 
 
+CURVE_COLORS = {"C0": (31, 119, 180), "C1": (255, 127, 14)}  # matplotlib's first two line colours
+
+
+def curve_pixels(path) -> dict[str, int]:
+    """Pixels of each curve colour in a loss plot (8 x 4.5 in at 110 dpi): what was actually drawn."""
+    assert is_png(path)
+    with Image.open(path) as im:
+        assert im.size == (880, 495), im.size
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    return {name: int((np.abs(rgb - c).sum(-1) < 40).sum()) for name, c in CURVE_COLORS.items()}
+
+
 def test_read_metrics_skips_torn_line(tmp_path):
     recs = read_metrics(write_metrics(tmp_path / "m.jsonl", steps=20))
     assert sum(r["kind"] == "train" for r in recs) == 20 and sum(r["kind"] == "val" for r in recs) == 2
@@ -37,10 +51,13 @@ def test_plot_and_compare(tmp_path):
     a = write_metrics(tmp_path / "a" / "pretrain" / "metrics.jsonl")
     write_metrics(tmp_path / "b" / "pretrain" / "metrics.jsonl", scale=1.3)
     out = plot_loss_curves({"a": a}, tmp_path / "loss.png", log_y=True)
-    assert is_png(out)
+    px = curve_pixels(out)
+    assert px["C0"] > 500 and px["C1"] == 0, px  # one run: its curves, in the first colour only
     cmp = compare_runs(tmp_path / "a", tmp_path / "b", tmp_path / "cmp.png")
-    assert is_png(cmp)
-    assert is_png(plot_loss_curves({"none": tmp_path / "missing.jsonl"}, tmp_path / "empty.png"))
+    px = curve_pixels(cmp)
+    assert px["C0"] > 500 and px["C1"] > 500, px  # both runs drawn
+    empty = plot_loss_curves({"none": tmp_path / "missing.jsonl"}, tmp_path / "empty.png")
+    assert curve_pixels(empty) == {"C0": 0, "C1": 0}  # nothing to draw: no curve, but still a valid PNG
 
 
 def test_format_table_with_standard_errors():
@@ -89,7 +106,7 @@ def test_write_report(tmp_path):
     assert "**Q:** What is 2+2?" in md and "> 4\n> four" in md
     for stage in ("pretrain", "finetune"):
         assert f"]({stage}/loss.png)" in md
-        assert is_png(run / stage / "loss.png")
+        assert curve_pixels(run / stage / "loss.png")["C0"] > 500  # the stage's curves are drawn
     html = (run / "report.html").read_text()
     assert html.startswith("<!doctype html>") and 'src="pretrain/loss.png"' in html and "2+2" in html
 

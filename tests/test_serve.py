@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
+import torch.nn.functional as F
 
 from chatforge.config import ModelConfig, TokenizerConfig
 from chatforge.engine import Engine
@@ -76,9 +77,14 @@ def client(server):
 
 
 def expected(engine: Engine, msgs: list[dict], n: int) -> str:
+    return expected_stream(engine, msgs, n)[0]
+
+
+def expected_stream(engine: Engine, msgs: list[dict], n: int) -> tuple[str, str, int]:
+    """The engine's own greedy reply: (text, finish_reason, completion tokens)."""
     ids, _ = engine.tok.render_chat(msgs, add_generation_prompt=True)
-    return "".join(engine.stream(ids, max_new_tokens=n, temperature=0, stop_ids=(engine.tok.end_id,
-                                                                                  engine.tok.eos_id)))
+    stream = engine.stream(ids, max_new_tokens=n, temperature=0, stop_ids=(engine.tok.end_id, engine.tok.eos_id))
+    return "".join(stream), stream.finish_reason, stream.n_tokens
 
 
 def test_models_and_health(server, client):
@@ -95,9 +101,9 @@ def test_models_and_health(server, client):
 
 def test_chat_non_stream_and_stream(engine, client):
     r = client.chat.completions.create(model="tiny-test", messages=MSGS, max_tokens=12, temperature=0)
-    want = expected(engine, MSGS, 12)
+    want, finish, n_tokens = expected_stream(engine, MSGS, 12)
     assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
-    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.choices[0].finish_reason == finish and r.usage.completion_tokens == n_tokens
     assert r.usage.prompt_tokens == len(engine.tok.render_chat(MSGS, add_generation_prompt=True)[0])
     chunks = list(client.chat.completions.create(model="tiny-test", messages=MSGS, max_tokens=12, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
@@ -110,11 +116,53 @@ def test_chat_non_stream_and_stream(engine, client):
 def test_completions(engine, client):
     r = client.completions.create(model="tiny-test", prompt="The quick", max_tokens=8, temperature=0)
     ids = engine.complete_prompt("The quick")
-    want = "".join(engine.stream(ids, max_new_tokens=8, temperature=0, stop_ids=(engine.tok.eos_id,)))
+    stream = engine.stream(ids, max_new_tokens=8, temperature=0, stop_ids=engine.tok.stop_ids)
+    want = "".join(stream)
     assert r.choices[0].text == want
+    assert r.choices[0].finish_reason == stream.finish_reason and r.usage.completion_tokens == stream.n_tokens
     streamed = client.completions.create(model="tiny-test", prompt="The quick", max_tokens=8, temperature=0,
                                          stream=True)
     assert "".join(c.choices[0].text for c in streamed) == want
+
+
+def memorize(model: GPT, seqs: list[list[int]], steps: int = 150) -> GPT:
+    """Overfit the model on a few sequences so its greedy continuation is known."""
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = sum(F.cross_entropy(model(torch.tensor([s[:-1]]))[0], torch.tensor(s[1:])) for s in seqs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_completions_stop_at_the_tokenizers_stop_ids(engine):
+    """/v1/completions ends a reply at end-of-turn or end-of-sequence (tok.stop_ids), with finish_reason "stop",
+    though the model's own greedy continuation runs on past that token."""
+    tok = engine.tok
+    cases = {"The quick": (" brown fox", tok.end_id, " jumps over the lazy dog."),
+             "Hello world": (", how are", tok.eos_id, " you today? Hello world")}
+    seqs = {p: (engine.complete_prompt(p), tok.encode(reply), stop, tok.encode(tail))
+            for p, (reply, stop, tail) in cases.items()}
+    torch.manual_seed(1)
+    cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, seq_len=96, vocab_size=tok.vocab_size)
+    model = memorize(GPT(cfg), [p + r + [s] + t for p, r, s, t in seqs.values()])
+    stopper = Engine(model, tok)
+    with Server(create_app(stopper, "stopper")) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        for prompt, (p, reply, stop, tail) in seqs.items():
+            # Without a stop the model goes on past the stop id: a server that ignored it would not stop there.
+            assert stopper.generate(p, len(reply) + 1 + len(tail), temperature=0)[0] == reply + [stop] + tail
+            r = client.completions.create(model="stopper", prompt=prompt, max_tokens=40, temperature=0)
+            assert r.choices[0].text == cases[prompt][0], (prompt, r.choices[0].text)
+            assert r.choices[0].finish_reason == "stop"
+            assert r.usage.completion_tokens == len(reply) and r.usage.prompt_tokens == len(p)
+            chunks = list(client.completions.create(model="stopper", prompt=prompt, max_tokens=40, temperature=0,
+                                                    stream=True))
+            assert "".join(c.choices[0].text for c in chunks) == cases[prompt][0]
+            assert [c.choices[0].finish_reason for c in chunks][-1] == "stop"
 
 
 def test_sse_wire_format(server):
@@ -164,7 +212,8 @@ def test_context_error_code_and_unknown_route(server, client):
         client.chat.completions.create(model="x", messages=[{"role": "user", "content": "fox " * 200}])
     assert e.value.code == "context_length_exceeded"
     r = httpx.get(server.url + "/v1/nothing")
-    assert r.status_code == 404 and "error" in r.json()
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_concurrent_requests(server):
@@ -185,8 +234,8 @@ def test_api_key(engine):
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
         good = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
-        r = good.chat.completions.create(model="locked", messages=MSGS, max_tokens=3)
-        assert r.choices[0].message.role == "assistant"
+        r = good.chat.completions.create(model="locked", messages=MSGS, max_tokens=3, temperature=0)
+        assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == expected(engine, MSGS, 3)
         # Every endpoint that generates refuses a missing, wrong, longer or shorter key.
         for path, body in (("/v1/chat/completions", {"messages": MSGS, "max_tokens": 2}),
                            ("/v1/completions", {"prompt": "Hello", "max_tokens": 2})):

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from chatforge.config import TokenizerConfig
 from chatforge.errors import UserError
 from chatforge.data.stdlib_corpus import stdlib_texts
-from chatforge.tokenizer import CHAT_TEMPLATE, PROBE_TEXT, SPECIAL_TOKENS, IncrementalDecoder, Tokenizer
+from chatforge.chat_format import CHAT_TEMPLATE, SPECIAL_TOKENS
+from chatforge.tokenizer import PROBE_TEXT, IncrementalDecoder, Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +350,13 @@ def test_plot_projection_writes_png(tok, tmp_path):
     out = plot_projection(emb, tok, tmp_path / "sub" / "emb.png", n=50, counts=counts)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     plot_projection(emb, tok, tmp_path / "emb2.png", n=40)
-    assert (tmp_path / "emb2.png").is_file()
+    from PIL import Image
+    with Image.open(tmp_path / "emb2.png") as im:  # 12 x 12 in at 120 dpi, trimmed to its content
+        assert im.format == "PNG" and min(im.size) > 1000, im.size
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    # The scatter's points (translucent blue): about 15-20 pixels each, 40 of them; labels and axes are black.
+    points = int(((rgb[..., 2] - rgb[..., 0]) > 40).sum())
+    assert points > 300, points
 
 
 # ---- fast bulk encoder (tiktoken for BPE, lookup table for char) must give HF's ids ------------
@@ -459,7 +466,8 @@ def test_char_lookup_table_rejects_unknown_character(char_tok):
 # ---- compression ------------------------------------------------------------------------------
 
 def test_compression_report_and_reference(tok, char_tok):
-    from chatforge.tokenizer import compression_report, reference_bytes_per_token
+    from chatforge.tokenizer import compression_report
+    from chatforge.tokenizer_train import reference_bytes_per_token
     texts = stdlib_texts(300_000)
     train, val = texts[1:], texts[:1]
     rep = compression_report(tok, val)

@@ -367,3 +367,17 @@ def test_mfu_counts_four_flops_per_frozen_parameter():
     frozen = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
     adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert train_flops_per_token(lora) == full - 2 * frozen + 6 * adapters
+
+
+def test_loop_state_keeps_the_checkpoint_format():
+    """The loop state is saved as the same plain dict as before it was a dataclass: old checkpoints resume."""
+    from dataclasses import asdict
+
+    from chatforge.train import LoopState
+
+    old = {"step": 7, "tokens": 896, "seconds": 1.5, "skipped": 1, "bad_in_row": 0, "log_loss_sum": 2.25,
+           "log_loss_n": 1, "log_tokens": 128, "log_seconds": 0.2, "train_loss": 2.5, "best_val": 2.4,
+           "final_val": 2.6, "val_hist": [2.4, 2.6], "train_hist": [2.7, 2.5], "evals_since_best": 1,
+           "early_stopped": False}
+    assert asdict(LoopState.from_dict(old)) == old
+    assert set(asdict(LoopState())) == set(old)

@@ -35,12 +35,16 @@ CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, how are 
 
 
 @pytest.fixture(scope="module")
-def server_url():
+def engine():
     tok = Tokenizer.train(CORPUS, TokenizerConfig(kind="bpe", vocab_size=300, min_frequency=1))
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, seq_len=128, vocab_size=tok.vocab_size,
                       init_std=0.2)
-    engine = Engine(GPT(cfg), tok, device="cpu")
+    return Engine(GPT(cfg), tok, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server_url(engine):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -57,7 +61,7 @@ def server_url():
     thread.join(timeout=10)
 
 
-def test_web_chat_streams_a_reply(server_url):
+def test_web_chat_streams_a_reply(server_url, engine):
     shot = Path(tempfile.gettempdir()) / "chatforge_webui.png"
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -83,7 +87,12 @@ def test_web_chat_streams_a_reply(server_url):
             reply = page.eval_on_selector(".msg.assistant", "e => e.textContent")
             page.screenshot(path=str(shot))
             assert page.inner_text(".msg.user") == "Hello there"
-            assert reply.strip(), "the assistant bubble stayed empty"
+            # The page sent the settings typed in, and shows exactly the engine's greedy reply to them.
+            sent = json.loads(resp.request.post_data)
+            assert sent["messages"] == [{"role": "user", "content": "Hello there"}]
+            assert sent["max_tokens"] == 40 and sent["temperature"] == 0 and sent["stream"] is True
+            want = engine.chat(sent["messages"], max_new_tokens=40, temperature=0)
+            assert want.strip() and reply == want, (reply, want)
             assert page.query_selector(".msg.error") is None, page.inner_text(".msg.error")
             assert not errors, errors
             events = [line[6:] for line in resp.text().splitlines() if line.startswith("data: ")]
@@ -93,7 +102,10 @@ def test_web_chat_streams_a_reply(server_url):
             assert len(deltas) >= 2 and "".join(deltas) == reply  # streamed in pieces, all of them shown
         finally:
             browser.close()
-    assert shot.stat().st_size > 1000
+    from PIL import Image
+    with Image.open(shot) as im:  # a real screenshot of the page's viewport, not a blank frame
+        assert im.format == "PNG" and im.size == (1280, 720), im.size
+        assert len(im.convert("RGB").getcolors(maxcolors=1 << 24)) > 2
 
 
 def test_default_settings_work_and_a_rejected_message_leaves_the_history(server_url):

@@ -1,13 +1,14 @@
 """Continuous batching: concurrent generations share each decode step of one model.
 
-One scheduler thread owns the model. A request joins between two steps: its prompt is prefilled alone,
-straight into a free row of the shared KV cache, and from then on its next token is computed in the same
-batched step as every other active row. A row leaves as soon as it ends (stop, length, or its reader went
-away); the last row moves into its place, so the active rows are always rows 0..n-1 and a lone request decodes
-as a batch of one. Rows keep their own lengths and positions; the attention mask hides each row's columns past
-its own end. Every row samples with its own settings and seed, and its text goes out through its own queue,
-with Engine.stream's stop handling (StopText): a TextStream, or for asyncio callers (the server) an
-AsyncTextStream that no thread has to wait on.
+One scheduler thread owns the model. A request joins between two steps: its prompt is prefilled alone
+(Engine.prefill), straight into a free row of the shared KV cache, and from then on its next token is
+computed in the same batched step (Engine.decode_step) as every other active row. A row leaves as soon as
+it ends (stop, length, or its reader went away); the last row moves into its place, so the active rows are
+always rows 0..n-1 and a lone request decodes as a batch of one. Rows keep their own lengths: each row's new
+token goes to its own cache column, and attention sees no column past it. Every row samples with its own
+settings and seed, and its text goes out through its own queue, with Engine.stream's stop handling
+(StopText): a TextStream, or for asyncio callers (the server) an AsyncTextStream that no thread has to
+wait on.
 
 Decoding one token is bound by reading the weights and by per-operation overhead, not by arithmetic, so a step
 for 8 rows costs far less than 8 steps for one row: that is the whole gain.
@@ -21,7 +22,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
-from .engine import Engine, FusedKVCache, StopText, TextStream, sample_next
+from .engine import Engine
+from .sampling import StopText, TextStream, sample_next
 
 _END = object()  # queue sentinel: the reply is complete
 
@@ -65,13 +67,8 @@ class Batcher:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.engine = engine
-        self.fast = engine._plain_linears()  # else (LoRA-wrapped layers) rows decode one at a time
-        self.max_batch = max_batch if self.fast else 1
-        c = engine.model.cfg
-        w = engine.model.embed_tokens.weight
-        self.cache = FusedKVCache(c.n_layer, self.max_batch, c.n_kv_head, c.seq_len, c.head_dim,
-                                  device=w.device, dtype=w.dtype)
-        self._row0 = self.cache.rows(0, 1)  # a lone row decodes through Engine._decode_one (CPU) with this view
+        self.max_batch = max_batch
+        self.cache = engine.new_cache(max_batch, engine.seq_len)
         self.rows: list[_Row] = []
         self.lens: list[int] = []  # tokens in the cache, per row
         self.waiting: queue.Queue[_Row] = queue.Queue()
@@ -165,16 +162,12 @@ class Batcher:
 
     @torch.inference_mode()
     def _prefill(self, row: _Row) -> None:
-        eng = self.engine
-        if self.fast:
-            eng._prepared()  # fused weights, rebuilt only if the parameters changed
-        dev = self.cache.kv[0].device
+        dev = self.engine.device
         if row.seed is not None:
             row.gen = torch.Generator(device=dev)
             row.gen.manual_seed(row.seed)
         n, L = len(self.rows), len(row.ids)
-        ids = torch.tensor([row.ids], device=dev)
-        logits = eng._forward(ids, torch.arange(L, device=dev).unsqueeze(0), None, self.cache.rows(n, n + 1))
+        logits = self.engine.prefill(torch.tensor([row.ids], device=dev), self.cache.rows(n, n + 1))
         self.rows.append(row)
         self.lens.append(L)
         self._emit(n, logits)
@@ -182,19 +175,10 @@ class Batcher:
 
     @torch.inference_mode()
     def _step(self) -> None:
-        n, dev = len(self.rows), self.cache.kv[0].device
-        last = torch.tensor([[r.ids[-1]] for r in self.rows], device=dev)
-        lens = torch.tensor(self.lens, device=dev)
-        pos = lens.unsqueeze(1)  # the new token's position is the row's length so far
-        if self.fast and n == 1 and self.engine._lin is torch.mm:  # one row on CPU: the leaner step
-            self._row0.pos = self.lens[0]
-            logits = self.engine._decode_one(last, pos, None, self._row0)
-        elif self.fast:
-            width = max(self.lens) + 1
-            mask = (torch.arange(width, device=dev).unsqueeze(0) <= pos)[:, None, None, :]  # (n, 1, 1, width)
-            logits = self.engine._decode_step(last, pos, mask, self.cache.rows(0, n, lens.clone(), width))
-        else:  # one row: the model's own blocks, through their adapters
-            logits = self.engine._forward(last, pos, None, self.cache.rows(0, 1, self.lens[0]))
+        n = len(self.rows)
+        last = torch.tensor([[r.ids[-1]] for r in self.rows], device=self.engine.device)
+        # Each row's new token goes to its own column, its length so far (also its position: no padding).
+        logits = self.engine.decode_step(last, self.cache.rows(0, n, pos=list(self.lens)))
         self.steps += 1
         self.row_steps += n
         for i in range(n):
@@ -237,8 +221,7 @@ class Batcher:
                 continue
             last = len(self.rows) - 1
             if i != last:  # move the last row into the gap: the active rows stay 0..n-1
-                for buf in self.cache.kv:
-                    buf[i, :, :self.lens[last]] = buf[last, :, :self.lens[last]]
+                self.cache.move_row(last, i, self.lens[last])
                 self.rows[i], self.lens[i] = self.rows[last], self.lens[last]
             self.rows.pop()
             self.lens.pop()

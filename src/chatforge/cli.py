@@ -56,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     subs["prepare"].add_argument("--sft-input", nargs="+", action="extend", default=None,
                                  help="chat JSONL files (messages / ShareGPT / Alpaca / prompt-completion)")
     subs["prepare"].add_argument("--text-field", help="JSON/CSV/Parquet field holding the text (default: text)")
-    subs["prepare"].add_argument("--lowercase", action="store_true",
+    subs["prepare"].add_argument("--lowercase", action="store_true", default=None,
                                  help="lowercase all text (hurts a generative model: it can no longer write capitals)")
-    subs["prepare"].add_argument("--remove-stopwords", action="store_true",
+    subs["prepare"].add_argument("--remove-stopwords", action="store_true", default=None,
                                  help="drop English stop words (hurts a generative model: it learns broken sentences)")
-    subs["prepare"].add_argument("--strict", action="store_true",
+    subs["prepare"].add_argument("--strict", action="store_true", default=None,
                                  help="stop at a JSON record without the text field (default: reject it, count it, go on)")
     subs["prepare"].add_argument("--shard", type=int, default=None,
                                  help="prepare only part I of the inputs (0-based; use with --num-shards), e.g. one per machine")
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     subs["finetune"].add_argument("--input", "-i", nargs="+", action="extend", default=None,
                                   help="chat JSONL files to fine-tune on (replaces the run's prepared chat set)")
     subs["finetune"].add_argument("--init", help="checkpoint dir or HF model dir to start from (default: the run's pretrain best)")
-    subs["finetune"].add_argument("--mode", choices=["sft", "cpt"], default=None,
+    subs["finetune"].add_argument("--mode", default=None,
                                   help="sft: chat data; cpt: continued pretraining on domain text (--input files)")
     subs["finetune"].add_argument("--lora-rank", type=int, default=None, help="train a LoRA adapter of this rank (0 = full)")
     subs["finetune"].add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x rank)")
@@ -90,22 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
         subs[name].add_argument("--stage", choices=["pretrain", "finetune", "import", "auto"], default="auto",
                                 help="which model of the run (auto: finetune if it exists, else pretrain, else import)")
         subs[name].add_argument("--checkpoint", default="best", help="best | last | step_N")
+        subs[name].add_argument("--device", default=None, help="auto | cpu | cuda | mps (generate.device)")
     subs["eval"].add_argument("--file", help="evaluate on this text/JSONL file instead of the run's validation splits")
     subs["eval"].add_argument("--stride", type=int, default=0, help="sliding-window stride for --file (0 = context length)")
-    subs["eval"].add_argument("--task", nargs="+", default=None, help="benchmark task names or JSONL files (see docs)")
-    subs["eval"].add_argument("--schema", default=None, help="schema of --task files: hellaswag | arc | gsm8k")
-    subs["eval"].add_argument("--max-items", type=int, default=0, help="score at most this many benchmark items")
+    subs["eval"].add_argument("--task", nargs="+", default=None,
+                              help="benchmark task names (hellaswag arc_easy arc_challenge piqa winogrande mmlu gsm8k: "
+                                   "Hugging Face datasets, cached) or local JSONL files with --schema")
+    subs["eval"].add_argument("--schema", default=None,
+                              help="schema of --task files: hellaswag | arc | piqa | winogrande | mmlu | gsm8k")
+    subs["eval"].add_argument("--suite", default=None, metavar="NAME",
+                              help="a report card: core = hellaswag arc_easy arc_challenge piqa winogrande gsm8k, "
+                                   "100 items each; score, random baseline, centred score and their mean")
+    subs["eval"].add_argument("--max-items", type=int, default=None,
+                              help="score the first N items of each benchmark (default: all; 100 with --suite; 0 = all)")
     subs["eval"].add_argument("--all-checkpoints", action="store_true", help="a table across every kept checkpoint")
     subs["generate"].add_argument("--prompt", "-p", required=True, help="text to continue")
     subs["generate"].add_argument("--chat", action="store_true", help="treat the prompt as a user message")
     subs["chat"].add_argument("--system", help="system prompt")
-    subs["serve"].add_argument("--host", default="127.0.0.1")
-    subs["serve"].add_argument("--port", type=int, default=8000)
+    subs["serve"].add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    subs["serve"].add_argument("--port", type=int, default=None, help="default 8000")
     subs["serve"].add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    subs["serve"].add_argument("--max-body-mb", type=float, default=1.0,
-                               help="largest request body accepted, in MB (larger: 413)")
-    subs["serve"].add_argument("--max-batch", type=int, default=8,
-                               help="requests decoded together (continuous batching); 1 = one at a time")
+    subs["serve"].add_argument("--max-body-mb", type=float, default=None,
+                               help="largest request body accepted, in MB (larger: 413; default 1)")
+    subs["serve"].add_argument("--max-batch", type=int, default=None,
+                               help="requests decoded together (continuous batching); 1 = one at a time (default 8)")
     subs["export"].add_argument("--format", default="hf", choices=["hf", "gguf"],
                                 help="hf: transformers model folder; gguf: one llama.cpp file")
     subs["export"].add_argument("--outtype", default="f32", choices=["f32", "f16", "q8_0"],
@@ -135,6 +143,125 @@ def _overrides_anywhere(args: argparse.Namespace) -> None:
             args.overrides = list(getattr(args, "overrides", None) or []) + moved
 
 
+# Flags that are settings: each is written into its config field before the stage runs, so it is saved in the
+# config of the stage that used it (RUN/configs/<stage>.yaml) and `--resume` does not need it again.
+FLAG_FIELDS = {
+    "prepare": {"input": "data.inputs", "sft_input": "sft.inputs", "text_field": "data.text_field",
+                "strict": "data.strict", "lowercase": "data.lowercase", "remove_stopwords": "data.remove_stopwords"},
+    "finetune": {"input": "finetune.inputs", "init": "finetune.init_from", "mode": "finetune.mode",
+                 "lora_rank": "finetune.lora_rank", "lora_alpha": "finetune.lora_alpha",
+                 "lora_dropout": "finetune.lora_dropout", "lora_targets": "finetune.lora_targets",
+                 "eval_prompts": "finetune.eval_prompts"},
+    "serve": {"host": "serve.host", "port": "serve.port", "max_batch": "serve.max_batch",
+              "max_body_mb": "serve.max_body_mb"},
+    **{name: {"device": "generate.device"} for name in ("eval", "generate", "chat", "export", "embeddings")},
+}
+FLAG_FIELDS["serve"]["device"] = "generate.device"
+
+
+def resolve(args: argparse.Namespace):
+    """(config, run paths, positionals). The config: --config, else the run's saved one (with --resume, the
+    resumed stage's own), else the demo preset; then key=value overrides, then flags that are settings."""
+    from pathlib import Path
+
+    from .config import _apply, load_config
+    from .paths import RunPaths
+
+    overrides, positionals = [], []
+    for item in getattr(args, "overrides", None) or []:
+        (overrides if "=" in item and not Path(item).exists() else positionals).append(item)
+    run_dir = args.run_dir or (positionals.pop(0) if positionals else None)
+    source = args.config
+    if source is None and run_dir:
+        run = RunPaths(Path(run_dir))
+        for cand in ((run.stage_config(args.command),) if getattr(args, "resume", False) else ()) + (run.config,):
+            if cand.is_file():
+                source = str(cand)
+                break
+    cfg = load_config(source or "demo", overrides)
+    for flag, key in FLAG_FIELDS.get(args.command, {}).items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            section, field = key.split(".")
+            _apply(getattr(cfg, section), {field: value}, section + ".")
+    paths = RunPaths(Path(run_dir) if run_dir else Path("runs") / cfg.name)
+    return cfg, paths, positionals
+
+
+def _exit_status(summary: dict | None, stage: str, root) -> int:
+    """0, or after a SIGINT/SIGTERM (checkpoint saved) 128 + the signal, as shells expect, so that
+    `chatforge pretrain R && chatforge finetune R` does not go on with a half-trained model."""
+    if not summary or not summary.get("interrupted"):
+        return 0
+    sig = int(summary.get("signal") or 2)
+    print(f"chatforge {stage}: stopped by signal {sig} after saving a checkpoint; continue with "
+          f"`chatforge {stage} {root} --resume`", file=sys.stderr)
+    return 128 + sig
+
+
+def _import(cfg, paths, a, extra):
+    from .stages import import_model
+    if not extra and not a.source:
+        raise UserError("give what to import: a .gguf file, a Hugging Face model folder, or smollm2-135m")
+    return import_model(cfg, paths, a.source or extra[0], a.context, a.force)
+
+
+def _compare(cfg, paths, a, extra):
+    from pathlib import Path
+
+    from .report import compare_runs
+    for r in a.runs:
+        if not any((Path(r) / s / "metrics.jsonl").exists() for s in ("pretrain", "finetune")):
+            raise UserError(f"{r} has no training metrics (pretrain/ or finetune/metrics.jsonl)")
+    print(f"compare: {compare_runs(a.runs[0], a.runs[1], a.out)}")
+
+
+def _stages():
+    from . import stages
+    return stages
+
+
+def _use():
+    from . import use
+    return use
+
+
+def _demo():
+    from . import demo
+    return demo
+
+
+# verb -> handler(cfg, paths, args, extra positionals); a returned dict with "interrupted" sets the exit status.
+COMMANDS = {
+    "prepare": lambda cfg, paths, a, x: _stages().prepare(cfg, paths, a.force, a.shard, a.num_shards),
+    "merge": lambda cfg, paths, a, x: _stages().merge(cfg, paths, a.parts, a.force),
+    "tokenizer": lambda cfg, paths, a, x: _stages().tokenizer(cfg, paths, a.force),
+    "encode": lambda cfg, paths, a, x: _stages().encode(cfg, paths, a.force),
+    "pretrain": lambda cfg, paths, a, x: _stages().pretrain(cfg, paths, a.force, a.resume),
+    "finetune": lambda cfg, paths, a, x: _stages().finetune(cfg, paths, a.force, a.resume),
+    "import": _import,
+    "eval": lambda cfg, paths, a, x: _use().evaluate_suite(cfg, paths, a.suite, a.stage, a.checkpoint, a.max_items,
+                                                           a.all_checkpoints, a.task, a.schema) if a.suite else
+    _use().run_eval(cfg, paths, a.stage, a.checkpoint, a.file, a.stride, a.task, a.schema, a.max_items or 0,
+                    a.all_checkpoints),
+    "generate": lambda cfg, paths, a, x: _use().generate(cfg, paths, a.prompt, a.stage, a.checkpoint, a.chat),
+    "chat": lambda cfg, paths, a, x: _use().chat(cfg, paths, a.stage, a.checkpoint, a.system),
+    "serve": lambda cfg, paths, a, x: _use().serve(cfg, paths, a.stage, a.checkpoint, a.api_key),
+    "export": lambda cfg, paths, a, x: _use().export(cfg, paths, a.out or (x[0] if x else None), a.stage,
+                                                     a.checkpoint, a.force, fmt=a.format, gguf_type=a.outtype),
+    "embeddings": lambda cfg, paths, a, x: _use().embeddings(cfg, paths, a.stage, a.checkpoint, a.near, a.plot, a.k),
+    "report": lambda cfg, paths, a, x: print(f"report: {_demo().report(cfg, paths)}"),
+    "compare": _compare,
+    "demo": lambda cfg, paths, a, x: _demo().demo(cfg, paths, a.force),
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, paths, extra = resolve(args)
+    result = COMMANDS[args.command](cfg, paths, args, extra)
+    return _exit_status(result if isinstance(result, dict) else None, args.command, paths.root)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -148,10 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _overrides_anywhere(args)
-    from . import stages  # imported late so --help stays fast
-
     try:
-        return stages.run(args) or 0
+        return run(args)
     except UserError as e:
         print(f"chatforge {args.command}: error: {e}", file=sys.stderr)
         return 2

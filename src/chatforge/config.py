@@ -34,7 +34,6 @@ class DataConfig:
     near_dedup_threshold: float = 0.8
     workers: int = 1  # >1: a process pool cleans and filters; output is byte-identical to workers=1
     strict: bool = False  # a JSON record without text_field stops prepare (default: rejected with file:line)
-    # --- added for issue 5 (data/quality.py, data/merge.py) ---
     near_dedup_ngram: int = 5  # MinHash shingle size in words
     near_dedup_num_perm: int = 128  # MinHash permutations (more: slower, more precise)
     weights: list[float] = field(default_factory=list)  # one per input: 2 = train docs twice, 0.5 = half
@@ -119,12 +118,10 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept besides best
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | mps
-    compile: str = "auto"  # auto (on for CUDA; on CPU for long single-process runs, see train.py) | on | off
+    compile: str = "auto"  # auto (on for CUDA; on CPU for long single-process runs, see distributed.use_compile) | on | off
     activation_checkpointing: bool = False
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run stops
     log_every: int = 10
-    init_from: str = ""  # fine-tuning: checkpoint to start from ("" -> the run's pretrain best)
-    # --- added for issues 3 and 6 (train.py) ---
     # Global batch in tokens per optimizer step (all processes). 0 = batch_size * grad_accum * world * seq_len;
     # when set, grad_accum is derived from it and batch_size * world * seq_len must divide it.
     global_batch_tokens: int = 0
@@ -138,6 +135,8 @@ class TrainConfig:
 @dataclass
 class FinetuneConfig(TrainConfig):
     """The training settings (the same loop as pretraining) plus what only fine-tuning has."""
+    init_from: str = ""  # checkpoint, HF folder or hub name to start from ("" -> the run's latest model)
+    inputs: list[str] = field(default_factory=list)  # chat JSONL (sft) or domain text (cpt); empty -> the run's chat set
     mode: str = "sft"  # sft (chat, loss on assistant tokens) | cpt (continued pretraining on domain text)
     lora_rank: int = 0  # 0 = full fine-tuning
     lora_alpha: float = 0.0  # 0 -> 2 * rank
@@ -165,7 +164,16 @@ class GenerateConfig:
     top_p: float = 0.95
     repetition_penalty: float = 1.0
     seed: int = 0
-    weights: str = "fp32"  # int4: one-row CPU decoding reads 4-bit weight copies (~2.4x faster, see engine.py)
+    weights: str = "fp32"  # int4: one-row CPU decoding reads 4-bit weight copies (~2.4x faster, see cpu_decode.py)
+    device: str = "auto"  # where generate/chat/serve/eval run: auto | cpu | cuda | mps
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 8  # requests decoded together (continuous batching); 1 = one at a time
+    max_body_mb: float = 1.0  # larger request bodies get 413
 
 
 @dataclass
@@ -191,6 +199,7 @@ class Config:
         steps=200, lr=1e-3, warmup_steps=20, eval_every=50, weight_decay=0.0))
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def to_dict(self) -> dict:
@@ -230,11 +239,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+RETIRED = {"train.init_from"}  # keys older runs' config.yaml may hold; read and ignored (now finetune.init_from)
+
+
 def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in RETIRED:
+            continue
         if key not in names:
             raise UserError(f"unknown config key '{full}'; valid keys here: {', '.join(names)}")
         current = getattr(obj, key)

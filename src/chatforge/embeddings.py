@@ -7,16 +7,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .chat_format import SPECIAL_TOKENS
+from .data.shards import open_shards
 from .errors import UserError
-from .tokenizer import SPECIAL_TOKENS, Tokenizer
+from .tokenizer import Tokenizer
 
 
 def token_counts(shard_dir: Path, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
     """How often each token id occurs in a directory of token shards (e.g. RUN/tokens/train): int64, one per
     id. Reads the memory-mapped shards `chunk` tokens at a time, so memory stays flat whatever their size.
     The <|bos|> that opens every document is counted like any other id."""
-    from .data.shards import open_shards
-
     counts = np.zeros(vocab_size, dtype=np.int64)
     for shard in open_shards(Path(shard_dir), vocab_size=vocab_size):
         for a in range(0, len(shard.tokens), chunk):

@@ -1,5 +1,8 @@
 """Language-model metrics: loss, perplexity, top-1/top-5 accuracy, bits per byte, each with a standard error.
 
+`evaluate_lm` is the package's one evaluation (device, autocast, all ranks): training's periodic validation
+loss and the eval stage both come from it.
+
 Standard errors. Tokens inside one sequence are correlated (a hard passage makes every token in it hard), so
 treating every token as an independent sample would make the error bars far too small. We treat each
 evaluated sequence (a batch row, or one sliding window of `evaluate_text`) as a cluster and report the
@@ -18,52 +21,95 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE = -100
+from .data.loader import IGNORE
+from .distributed import all_gather, autocast_ctx, pick_device
+
 LN2 = math.log(2.0)
+ACTIVE_SHARE = 0.95  # compute only up to each row's last target when that leaves out 5% of positions or more
+
+
+class EmptyEvalError(ValueError):
+    """No batches, or no target tokens in them (on any rank)."""
+
+
+def forward_at_targets(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The model's logits where batch["y"] has targets (!= -100), the target mask and the number of targets.
+
+    When some targets are ignored the logits are (N, vocab), row-major over the targets (the head runs only
+    there, and positions after a row's last target are skipped when that saves enough); else (B, T, vocab).
+    """
+    y = batch["y"]
+    keep = y != IGNORE
+    n = int(keep.sum())
+    kwargs = {k: batch[k] for k in ("doc_ids", "position_ids") if batch.get(k) is not None}
+    if 0 < n < keep.numel():
+        active = keep.flip(1).cummax(1).values.flip(1)
+        if int(active.sum()) < ACTIVE_SHARE * active.numel():
+            kwargs["active"] = active
+        return model(batch["x"], logits_at=keep, **kwargs), keep, n
+    return model(batch["x"], **kwargs), keep, n
 
 
 class _Accumulator:
-    """Per-row sums of NLL, top-1 hits, top-5 hits, tokens and target bytes."""
+    """Per-row sums of NLL, tokens, target bytes and (with accuracy) top-1 and top-5 hits."""
 
-    def __init__(self) -> None:
-        self.nll: list[np.ndarray] = []
-        self.top1: list[np.ndarray] = []
-        self.top5: list[np.ndarray] = []
-        self.count: list[np.ndarray] = []
-        self.nbytes: list[np.ndarray] = []
+    def __init__(self, accuracy: bool, token_bytes: torch.Tensor | None) -> None:
+        self.accuracy, self.token_bytes = accuracy, token_bytes
+        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in ("nll", "top1", "top5", "count", "nbytes")}
 
-    def add(self, logits: torch.Tensor, y: torch.Tensor, token_bytes: torch.Tensor | None) -> None:
+    def _put(self, key: str, per_row: np.ndarray) -> None:
+        self.parts[key].append(np.asarray(per_row, dtype=np.float64))
+
+    def add(self, logits: torch.Tensor, keep: torch.Tensor, y: torch.Tensor) -> None:
+        """logits (B, T, V) at every position, or (N, V) at the targets only (see forward_at_targets)."""
         logits = logits.float()
-        valid = y != IGNORE
-        safe_y = y.masked_fill(~valid, 0)
-        nll = F.cross_entropy(logits.transpose(1, 2), safe_y, reduction="none") * valid
-        k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices  # (B, T, k); ties go to the lower id, like argmax
-        hit1 = (top[..., 0] == safe_y) & valid
-        hit5 = (top == safe_y.unsqueeze(-1)).any(-1) & valid
-        # Row sums on the CPU in float64/int64: MPS has no float64, and long evals need the precision.
-        self.nll.append(nll.cpu().double().sum(1).numpy())
-        self.top1.append(hit1.sum(1).cpu().numpy().astype(np.float64))
-        self.top5.append(hit5.sum(1).cpu().numpy().astype(np.float64))
-        self.count.append(valid.sum(1).cpu().numpy().astype(np.float64))
-        if token_bytes is not None:
-            b = token_bytes[safe_y.cpu()] * valid.cpu()
-            self.nbytes.append(b.sum(1).numpy().astype(np.float64))
+        B = y.shape[0]
+        if logits.dim() == 3:
+            safe_y = y.masked_fill(~keep, 0)
+            nll = F.cross_entropy(logits.transpose(1, 2), safe_y, reduction="none") * keep
+            # Row sums on the CPU in float64: MPS has no float64, and long evals need the precision.
+            self._put("nll", nll.cpu().double().sum(1).numpy())
+            self._put("count", keep.sum(1).cpu().numpy())
+            if self.accuracy:
+                top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # ties go to the lower id, like argmax
+                self._put("top1", ((top[..., 0] == safe_y) & keep).sum(1).cpu().numpy())
+                self._put("top5", ((top == safe_y.unsqueeze(-1)).any(-1) & keep).sum(1).cpu().numpy())
+            if self.token_bytes is not None:
+                self._put("nbytes", (self.token_bytes[safe_y.cpu()] * keep.cpu()).sum(1).numpy())
+            return
+        yk = y[keep]
+        row = keep.nonzero()[:, 0].cpu().numpy()
+
+        def per_row(values: torch.Tensor) -> np.ndarray:
+            return np.bincount(row, weights=values.cpu().double().numpy(), minlength=B)
+
+        self._put("nll", per_row(F.cross_entropy(logits, yk, reduction="none")))
+        self._put("count", np.bincount(row, minlength=B))
+        if self.accuracy:
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            self._put("top1", per_row(top[:, 0] == yk))
+            self._put("top5", per_row((top == yk.unsqueeze(-1)).any(-1)))
+        if self.token_bytes is not None:
+            self._put("nbytes", per_row(self.token_bytes[yk.cpu()]))
 
     def result(self) -> dict:
-        if not self.count:
-            raise ValueError("no batches to evaluate")
-        n = np.concatenate(self.count)
+        # Every rank's rows, rank by rank: the same numbers as one process that scored them all.
+        ranks = all_gather({k: np.concatenate(v) if v else np.zeros(0) for k, v in self.parts.items()})
+        cols = {k: np.concatenate([r[k] for r in ranks]) for k in self.parts}
+        if not len(cols["count"]):
+            raise EmptyEvalError("no batches to evaluate")
+        n = cols["count"]
         keep = n > 0
         n = n[keep]
         total = float(n.sum())
         if total == 0:
-            raise ValueError("no target tokens to evaluate (every target is ignored)")
+            raise EmptyEvalError("no target tokens to evaluate (every target is ignored)")
 
-        def mean_se(parts: list[np.ndarray]) -> tuple[float, float]:
-            s = np.concatenate(parts)[keep]
+        def mean_se(key: str) -> tuple[float, float]:
+            s = cols[key][keep]
             mean = float(s.sum() / total)
             k = len(s)
             if k < 2:
@@ -71,17 +117,16 @@ class _Accumulator:
             resid = s - mean * n
             return mean, float(math.sqrt(k / (k - 1) * float((resid ** 2).sum())) / total)
 
-        loss, loss_se = mean_se(self.nll)
-        acc, acc_se = mean_se(self.top1)
-        top5, top5_se = mean_se(self.top5)
-        out = {"loss": loss, "loss_se": loss_se, "ppl": math.exp(min(loss, 700.0)),
-               "acc": acc, "acc_se": acc_se, "top5": top5, "top5_se": top5_se,
-               "tokens": int(total), "sequences": int(keep.sum())}
-        if self.nbytes:
-            nbytes = float(np.concatenate(self.nbytes).sum())
-            nll_sum = float(np.concatenate(self.nll).sum())
+        loss, loss_se = mean_se("nll")
+        out = {"loss": loss, "loss_se": loss_se, "ppl": math.exp(min(loss, 700.0))}
+        if self.accuracy:
+            (acc, acc_se), (top5, top5_se) = mean_se("top1"), mean_se("top5")
+            out.update(acc=acc, acc_se=acc_se, top5=top5, top5_se=top5_se)
+        out.update(tokens=int(total), sequences=int(keep.sum()))
+        if self.token_bytes is not None:
+            nbytes = float(cols["nbytes"].sum())
             out["bytes"] = int(nbytes)
-            out["bpb"] = nll_sum / LN2 / nbytes if nbytes > 0 else float("nan")
+            out["bpb"] = float(cols["nll"].sum()) / LN2 / nbytes if nbytes > 0 else float("nan")
         return out
 
 
@@ -91,29 +136,37 @@ def _as_tensor_bytes(token_bytes) -> torch.Tensor | None:
     return torch.as_tensor(np.asarray(token_bytes), dtype=torch.long)
 
 
-@torch.inference_mode()
-def evaluate_lm(model: torch.nn.Module, batches: Iterable[dict], *, device: str | torch.device = "cpu",
-                token_bytes: np.ndarray | None = None, progress: bool = False) -> dict:
-    """Score next-token prediction on batches of dict(x=(B,T) ids, y=(B,T) targets, -100 = ignored).
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, batches: Iterable[dict], *, device: str | torch.device | None = None,
+                token_bytes: np.ndarray | None = None, accuracy: bool = True, progress: bool = False) -> dict:
+    """Score next-token prediction on batches of dict(x=(B,T) ids, y=(B,T) targets, -100 = ignored): the one
+    evaluation of the package, for training's periodic validation and for the eval stage.
 
-    Returns loss (mean NLL in nats per target token), ppl = exp(loss), acc (top-1), top5, each with `_se`
-    (see module docstring), tokens, sequences, and, when `token_bytes` (UTF-8 bytes per token id) is given,
-    bytes and bpb = total NLL in bits / total bytes of the target tokens. Optional batch keys `doc_ids`
-    and `position_ids` are passed to the model (packed documents). Logits are scored in fp32.
+    Runs on `device` (a torch.device or a name such as "auto"; default: where the model's weights are; the
+    model is moved there) under the training autocast (bf16 on CUDA; logits are scored in fp32). Under a process group each rank scores its own batches and every rank gets
+    the metrics of all of them. `model` may be wrapped (DDP, compiled blocks).
+
+    Returns loss (mean NLL in nats per target token), ppl = exp(loss), with accuracy=True acc (top-1) and
+    top5, each with `_se` (see module docstring), tokens, sequences, and, when `token_bytes` (UTF-8 bytes per
+    token id) is given, bytes and bpb = total NLL in bits / total bytes of the target tokens. Optional batch
+    keys `doc_ids` and `position_ids` are passed to the model (packed documents). Raises EmptyEvalError
+    when there is nothing to score.
     """
     from tqdm.auto import tqdm
 
+    weights_at = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = weights_at if device is None else pick_device(device)
+    if weights_at != device:
+        model.to(device)
     was_training = model.training
     model.eval()
-    acc = _Accumulator()
-    tb = _as_tensor_bytes(token_bytes)
+    acc = _Accumulator(accuracy, _as_tensor_bytes(token_bytes))
     try:
-        for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
-            x = batch["x"].to(device)
-            y = batch["y"].to(device)
-            kwargs = {k: batch[k].to(device) for k in ("doc_ids", "position_ids") if batch.get(k) is not None}
-            logits = model(x, **kwargs)
-            acc.add(logits, y, tb)
+        with autocast_ctx(device):
+            for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                logits, keep, _ = forward_at_targets(model, batch)
+                acc.add(logits, keep, batch["y"])
     finally:
         model.train(was_training)
     return acc.result()
@@ -139,9 +192,8 @@ def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int,
     return out
 
 
-@torch.inference_mode()
-def evaluate_text(model: torch.nn.Module, tok, texts: Sequence[str], seq_len: int, stride: int | None = None,
-                  device: str | torch.device = "cpu", *, batch_size: int = 8, add_bos: bool = False,
+def evaluate_text(model: nn.Module, tok, texts: Sequence[str], seq_len: int, stride: int | None = None,
+                  device: str | torch.device | None = None, *, batch_size: int = 8, add_bos: bool = False,
                   progress: bool = False) -> dict:
     """Sliding-window evaluation of whole documents; returns the same dict as `evaluate_lm`.
 

@@ -12,6 +12,27 @@ import json
 from pathlib import Path
 
 BATCH = 16  # prompts decoded together: a 135M model decodes 16 rows at ~6x the tokens/s of one (CPU)
+SAMPLE_PROMPTS = ["def ", "import ", "class "]
+SAMPLE_QUESTIONS = ["What does os.path.join do?", "What is the json module for?"]
+
+
+def eval_samples(tok, cfg, chat: bool):
+    """The training loop's on_eval hook: fixed-prompt samples (seeded) at each evaluation, stored in
+    metrics.jsonl beside the losses, so a run shows what its model writes as it learns."""
+    def on_eval(model, step):
+        from .engine import Engine
+        eng = Engine(model, tok, device=str(next(model.parameters()).device))
+        if chat:
+            prompts = SAMPLE_QUESTIONS
+            ids = [tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0] for q in prompts]
+        else:
+            prompts = SAMPLE_PROMPTS
+            ids = [tok.with_bos(tok.encode(p)) for p in prompts]
+        g = cfg.generate
+        outs = eng.generate(ids, max_new_tokens=min(48, g.max_new_tokens), temperature=g.temperature, top_k=g.top_k,
+                            seed=g.seed, stop_ids=tok.stop_ids)
+        return [{"prompt": p, "text": (p if not chat else "") + tok.decode(o)} for p, o in zip(prompts, outs)]
+    return on_eval
 
 
 def held_out(sft_val: Path, n: int) -> list[dict]:

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
+from .config import GenerateConfig, ModelConfig
 from .errors import UserError
 from .model import GPT, rope_tables
-from .tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer
+from .chat_format import CHAT_TEMPLATE, SPECIAL_TOKENS
+from .tokenizer import Tokenizer
 
 BOS_ID, EOS_ID, PAD_ID, END_ID = (SPECIAL_TOKENS.index(t) for t in ("<|bos|>", "<|eos|>", "<|pad|>", "<|end|>"))
 SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
@@ -63,8 +64,20 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32", tok: Tokenizer | None = 
     return c
 
 
-def export_hf(model: GPT, tok_dir: Path, out_dir: Path, meta: dict | None = None, dtype: str = "float32") -> Path:
-    """Write a transformers-loadable model folder to out_dir and return it."""
+def _sampling(g: GenerateConfig) -> dict:
+    """transformers' names for the run's sampling settings (temperature 0 = greedy; 0 means "off" for both)."""
+    if g.temperature <= 0:
+        return {"do_sample": False}
+    out = {"do_sample": True, "temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p}
+    if g.repetition_penalty != 1.0:
+        out["repetition_penalty"] = g.repetition_penalty
+    return out
+
+
+def export_hf(model: GPT, tok_dir: Path, out_dir: Path, meta: dict | None = None, dtype: str = "float32",
+              generation: GenerateConfig | None = None) -> Path:
+    """Write a transformers-loadable model folder to out_dir and return it; generation_config.json carries the
+    run's sampling settings (`generation`, default the config defaults)."""
     if dtype not in DTYPES:
         raise UserError(f"export dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     tok_dir, out_dir = Path(tok_dir), Path(out_dir)
@@ -85,7 +98,7 @@ def export_hf(model: GPT, tok_dir: Path, out_dir: Path, meta: dict | None = None
     hfc = hf_config(cfg, dtype, tok)
     (out_dir / "config.json").write_text(json.dumps(hfc, indent=2) + "\n")
     gen = {"bos_token_id": hfc["bos_token_id"], "eos_token_id": hfc["eos_token_id"], "pad_token_id": hfc["pad_token_id"],
-           "do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 0.95}
+           **_sampling(generation or GenerateConfig())}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
     shutil.copyfile(tok_dir / "tokenizer.json", out_dir / "tokenizer.json")

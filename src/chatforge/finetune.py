@@ -25,15 +25,13 @@ from typing import Callable, Iterable
 from .config import Config
 from .errors import UserError
 from .paths import RunPaths
-from .stages import _guard, _need, _plot, _save_cfg
 
 MODES = ("sft", "cpt")
-EVAL_PROMPTS = 20  # held-out prompts answered before/after, for the end-of-turn share
 
 
 def sft_examples(tok, path: Path, seq_len: int, too_long: str = "turns"):
     from .data.chat import render_examples
-    _need(path, "prepare")
+    RunPaths.need(path, "prepare")
     examples, stats = render_examples(tok, path, seq_len, too_long)
     if not examples:
         raise UserError(f"no usable chat examples in {path} ({stats}); check the file's format")
@@ -75,12 +73,13 @@ def load_hf_start(hf_dir: Path, paths: RunPaths):
     return model, tok
 
 
-def load_start(cfg: Config, paths: RunPaths, init: str | None):
-    """(model, tokenizer, where it came from, "chatforge" | "hf") for --init / finetune.init_from / pretrain best."""
+def load_start(cfg: Config, paths: RunPaths):
+    """(model, tokenizer, where it came from, "chatforge" | "hf") for finetune.init_from (--init), else the run's
+    pretrained model, else its imported one."""
     from .checkpoint import list_checkpoints, load_model, resolve_checkpoint
     from .tokenizer import Tokenizer
 
-    spec = init or cfg.finetune.init_from
+    spec = cfg.finetune.init_from
     if not spec:  # the run's own model: pretrained here, else imported
         root = paths.pretrain if list_checkpoints(paths.pretrain / "ckpt") or not paths.imported.exists() \
             else paths.imported
@@ -114,10 +113,11 @@ def load_start(cfg: Config, paths: RunPaths, init: str | None):
 
 # ---------------------------------------------------------------- data
 
-def _sft_dir(cfg: Config, paths: RunPaths, inputs: list[str] | None, resume: bool) -> Path:
+def _sft_dir(cfg: Config, paths: RunPaths, resume: bool) -> Path:
+    inputs = cfg.finetune.inputs
     if not inputs:
         return paths.data
-    from .data.prepare import prepare_sft
+    from .data.chat import prepare_sft
 
     sft_dir = paths.finetune / "data"
     if not (resume and (sft_dir / "sft_train.jsonl").is_file()):
@@ -125,12 +125,13 @@ def _sft_dir(cfg: Config, paths: RunPaths, inputs: list[str] | None, resume: boo
     return sft_dir
 
 
-def _cpt_tokens(cfg: Config, paths: RunPaths, tok, inputs: list[str], resume: bool) -> Path:
-    """Domain text -> cleaned documents (the pretraining rules) -> token shards with the run's tokenizer."""
-    from .data.prepare import iter_documents, prepare_corpus
-    from .data.shards import write_shards
+def _cpt_tokens(cfg: Config, paths: RunPaths, tok, resume: bool) -> Path:
+    """Domain text -> cleaned documents (prepare's rules) -> token shards with the run's tokenizer (encode's
+    code), in paths.finetune/{data,tokens}."""
+    from .data.prepare import prepare_corpus
+    from .data.shards import encode_documents
 
-    data_dir, tok_dir = paths.finetune / "data", paths.finetune / "tokens"
+    data_dir, tok_dir, inputs = paths.finetune / "data", paths.finetune / "tokens", cfg.finetune.inputs
     if resume and (tok_dir / "stats.json").is_file():
         return tok_dir
     manifest = prepare_corpus(dataclasses.replace(cfg.data, inputs=list(inputs), weights=[]), data_dir)
@@ -138,35 +139,22 @@ def _cpt_tokens(cfg: Config, paths: RunPaths, tok, inputs: list[str], resume: bo
     if not val_docs:
         raise UserError(f"the domain text ({', '.join(inputs)}) left no validation documents; give more documents "
                         f"or raise data.val_fraction (now {cfg.data.val_fraction})")
-    stats = {split: write_shards(tok, iter_documents(data_dir, split), tok_dir / split, workers=cfg.data.workers)
-             for split in ("train", "val")}
-    (tok_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    encode_documents(tok, data_dir, tok_dir, cfg.data.workers)
     return tok_dir
-
-
-def _token_arrays(shard_dir: Path, tok) -> list:
-    from .data.shards import open_shards
-    return [s.tokens for s in open_shards(shard_dir, tok_hash=tok.hash, vocab_size=tok.vocab_size)]
 
 
 # ---------------------------------------------------------------- evidence
 
-def held_out_prompts(sft_val: Path, n: int = EVAL_PROMPTS) -> list[list[dict]]:
-    """The messages of evidence.held_out (conversations cut before their first assistant turn)."""
-    from .evidence import held_out
-    return [it["messages"] for it in held_out(sft_val, n)]
-
-
 def measure(model, device, *, domain: Callable[[], Iterable[dict]] | None,
             general: Callable[[], Iterable[dict]] | None, chat: Callable[[], Iterable[dict]] | None) -> dict:
     """Mean loss per target token on each validation set given (None when a set is unavailable)."""
-    from .train import evaluate
+    from .train import val_loss
 
     done: dict = {}  # chat SFT's domain and chat sets are the same: evaluated once
     out = {}
     for name, fn in (("domain_val_loss", domain), ("general_val_loss", general), ("chat_val_loss", chat)):
         if fn is not None and fn not in done:
-            done[fn] = evaluate(model, fn(), device)
+            done[fn] = val_loss(model, fn(), device)
         out[name] = done.get(fn) if fn is not None else None
     return out
 
@@ -202,47 +190,43 @@ def _check_resume(train_dir: Path, meta: dict) -> None:
                             f"resume with the same settings or start again with --force")
 
 
-def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: bool = False,
-                 inputs: list[str] | None = None, init: str | None = None, lora_rank: int | None = 0,
-                 mode: str | None = None, lora_alpha: float | None = None, lora_dropout: float | None = None,
-                 lora_targets: list[str] | None = None, eval_prompts: int | None = None) -> dict:
-    """Fine-tune and write paths.finetune/finetune_eval.json; returns the training summary plus 'eval'.
+def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: bool = False) -> dict:
+    """Fine-tune as cfg.finetune says and write paths.finetune/finetune_eval.json; returns the training summary
+    plus 'eval'.
 
-    mode: "sft" (chat; inputs = chat JSONL files, default the run's prepared sft split) or "cpt" (continued
-    pretraining; inputs = domain text files, required). lora_rank > 0: LoRA on lora_targets (default all
-    seven projections) with lora_alpha (0 -> 2 * rank) and lora_dropout; else full fine-tuning.
-    An argument left None (or lora_rank 0) falls back to the same-named field of cfg.finetune when the config
-    has one (proposed fields), else to the default.
+    mode "sft": chat (inputs = chat JSONL files, default the run's prepared chat set); "cpt": continued
+    pretraining (inputs = domain text, required). lora_rank > 0: LoRA on lora_targets (default all seven
+    projections) with lora_alpha (0 -> 2 * rank) and lora_dropout; else full fine-tuning.
     """
     import torch
 
     from .checkpoint import load_model, resolve_checkpoint, save_checkpoint
     from .data.loader import SFTLoader, TokenLoader, iter_eval_batches, iter_sft_eval_batches
+    from .data.shards import token_arrays
     from .distributed import setup, teardown
+    from .evidence import eval_samples, held_out, reply_check
     from .lora import LORA_TARGETS, LoraSettings, add_lora, merge_lora, save_adapter, trainable_counts
+    from .report import plot_stage
     from .train import train
 
     fcfg = cfg.finetune
-    mode = mode or getattr(fcfg, "mode", None) or "sft"
-    lora_rank = lora_rank or getattr(fcfg, "lora_rank", 0) or 0
-    lora_alpha = lora_alpha if lora_alpha is not None else getattr(fcfg, "lora_alpha", 0.0)
-    lora_dropout = lora_dropout if lora_dropout is not None else getattr(fcfg, "lora_dropout", 0.0)
-    lora_targets = lora_targets or getattr(fcfg, "lora_targets", None) or None
-    eval_prompts = eval_prompts if eval_prompts is not None else getattr(fcfg, "eval_prompts", EVAL_PROMPTS)
+    mode, inputs = fcfg.mode, list(fcfg.inputs)
+    lora_rank, eval_prompts = fcfg.lora_rank, fcfg.eval_prompts
     if mode not in MODES:
         raise UserError(f"finetune mode {mode!r} is not known; use sft (chat) or cpt (continued pretraining)")
     if lora_rank < 0:
         raise UserError(f"--lora-rank {lora_rank} must be >= 0 (0 = full fine-tuning)")
-    lora = LoraSettings(lora_rank, lora_alpha, lora_dropout, list(lora_targets or LORA_TARGETS)) if lora_rank else None
+    lora = LoraSettings(lora_rank, fcfg.lora_alpha, fcfg.lora_dropout, list(fcfg.lora_targets or LORA_TARGETS)) \
+        if lora_rank else None
     if mode == "cpt" and not inputs:
         raise UserError("continued pretraining (mode cpt) needs domain text: pass --input FILE_OR_FOLDER ...")
     if not resume:
-        _guard(paths.finetune, force, "a fine-tuning run")
+        paths.guard(paths.finetune, force, "a fine-tuning run")
     train_dir = paths.finetune / "lora" if lora else paths.finetune
 
     dist = setup(cfg.finetune.device)
     device = dist.device
-    model, tok, init_dir, origin = load_start(cfg, paths, init)
+    model, tok, init_dir, origin = load_start(cfg, paths)
     # A chatforge model trains at its own context; an imported one at most at the run's (HF contexts are long).
     seq_len = model.cfg.seq_len if origin == "chatforge" else min(model.cfg.seq_len, cfg.model.seq_len)
     if fcfg.seq_len:  # a shorter training context (an imported model's own is long; its RoPE tables cover it)
@@ -252,9 +236,9 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
 
     # Data: the training loader, the in-training validation, and the before/after evaluation sets.
     if mode == "sft":
-        sft_dir = _sft_dir(cfg, paths, inputs, resume)
-        train_ex, train_stats = sft_examples(tok, sft_dir / "sft_train.jsonl", seq_len, getattr(fcfg, "too_long", "turns"))
-        val_ex, val_stats = sft_examples(tok, sft_dir / "sft_val.jsonl", seq_len, getattr(fcfg, "too_long", "turns"))
+        sft_dir = _sft_dir(cfg, paths, resume)
+        train_ex, train_stats = sft_examples(tok, sft_dir / "sft_train.jsonl", seq_len, fcfg.too_long)
+        val_ex, val_stats = sft_examples(tok, sft_dir / "sft_val.jsonl", seq_len, fcfg.too_long)
         manifest_path = sft_dir / "sft_manifest.json"
         skipped = json.loads(manifest_path.read_text()).get("skipped", {}) if manifest_path.is_file() else {}
         data_info = {"sft_dir": str(sft_dir), "skipped": skipped, "train": train_stats, "val": val_stats}
@@ -269,13 +253,13 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
         summary_line = (f"{train_stats['examples']} chat examples ({train_stats['truncated']} truncated, "
                         f"{train_stats['dropped']} dropped; skipped while preparing: {skipped or 'none'})")
     else:
-        tok_dir = _cpt_tokens(cfg, paths, tok, inputs, resume)
+        tok_dir = _cpt_tokens(cfg, paths, tok, resume)
         try:
-            loader = TokenLoader([a for a in _token_arrays(tok_dir / "train", tok)], bs, seq_len, rank=dist.rank,
+            loader = TokenLoader([a for a in token_arrays(tok_dir / "train", tok)], bs, seq_len, rank=dist.rank,
                                  world=dist.world, seed=cfg.finetune.seed)
         except ValueError as e:
             raise UserError(f"domain text {', '.join(inputs)}: {e}") from None
-        dom_val = _token_arrays(tok_dir / "val", tok)
+        dom_val = token_arrays(tok_dir / "val", tok)
         stats = json.loads((tok_dir / "stats.json").read_text())
         data_info = {"tokens_dir": str(tok_dir), "tokens": {k: v.get("tokens") for k, v in stats.items()}}
         train_val = lambda: iter_eval_batches(dom_val, ebs, seq_len, max_batches=cfg.finetune.eval_batches)  # noqa: E731
@@ -289,12 +273,11 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
         summary_line = f"{stats['train']['tokens']:,} domain tokens ({stats['val']['tokens']:,} held out)"
     general_eval = None
     try:  # forgetting: the run's pretraining validation text, when it was encoded with this tokenizer
-        gen_val = _token_arrays(paths.tokens / "val", tok)
+        gen_val = token_arrays(paths.tokens / "val", tok)
         general_eval = lambda: iter_eval_batches(gen_val, ebs, seq_len,  # noqa: E731
                                                  max_batches=cfg.eval.max_batches or cfg.train.eval_batches)
     except UserError:
         pass
-    from .evidence import held_out, reply_check
     prompts = held_out(chat_val_path, eval_prompts)
     max_new = cfg.generate.max_new_tokens
 
@@ -305,7 +288,7 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
         return out
 
     if dist.is_main:
-        _save_cfg(cfg, paths)
+        paths.save_config(cfg, "finetune")
         print(f"finetune ({mode}{f', LoRA rank {lora.rank}' if lora else ', full'}): {summary_line}; "
               f"from {init_dir}")
     model.to(device)
@@ -322,11 +305,8 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
             "init_from": str(init_dir), "init_kind": origin, "lora": lora.to_dict() if lora else None}
     if resume:
         _check_resume(train_dir, meta)
-    from .stages import sampler
-    on_eval = sampler(tok, cfg, chat=mode == "sft")
     summary = train(model, cfg.finetune, loader, train_dir, val_batches=train_val, meta=meta, resume=resume,
-                    on_eval=on_eval,
-                    dist=dist)
+                    on_eval=eval_samples(tok, cfg, chat=mode == "sft"), dist=dist)
     if summary.get("interrupted"):  # stopped by a signal: no merge, no evidence; `--resume` finishes the run
         teardown()
         return {**summary, "eval": None}
@@ -356,7 +336,7 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
               "data": data_info, "max_new_tokens": max_new, "before": before, "after": after,
               "train": summary}
     if dist.is_main:
-        _plot(paths.finetune)
+        plot_stage(paths.finetune)
         (paths.finetune / "finetune_eval.json").write_text(json.dumps(result, indent=2, default=float))
         _print_evidence(result)
         if after.get("replies"):

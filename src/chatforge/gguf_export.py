@@ -23,7 +23,9 @@ import torch
 
 from .errors import UserError
 from .model import GPT
-from .tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, _hf_split_pattern
+from .chat_format import CHAT_TEMPLATE, SPECIAL_TOKENS
+from .tokenizer import Tokenizer, _hf_split_pattern
+from .tokenizer_train import SPLIT_PATTERN
 
 OUTTYPES = ("f32", "f16", "q8_0")
 

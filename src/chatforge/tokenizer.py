@@ -1,11 +1,5 @@
-"""The tokenizer: byte-level BPE (or character-level) on HF `tokenizers`, plus the chat format.
-
-Special tokens are ids 0..6 in SPECIAL_TOKENS order. A conversation renders as
-
-    <|bos|><|system|>{sys}<|end|><|user|>{q}<|end|><|assistant|>{a}<|end|><|user|>...
-
-and the generation prompt appends `<|assistant|>`. The loss mask is 1 on assistant content tokens and on the
-`<|end|>` that closes each assistant turn (so the model learns to stop), 0 everywhere else.
+"""The tokenizer: encode/decode text, render chats with loss masks, save/load (vocabulary training is in
+tokenizer_train.py, the chat format and special tokens in chat_format.py).
 
 Special-token safety: ordinary text never turns into special ids. The runtime HF tokenizer runs with
 `encode_special_tokens=True` (the literal string "<|end|>" is split and encoded as text); chat rendering
@@ -33,44 +27,20 @@ import codecs
 import hashlib
 import json
 import os
-import re
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from .chat_format import (ASSISTANT, BOS, CHAT_TEMPLATE, END, EOS, PAD, ROLE_TOKENS, SPECIAL_TOKENS, SYSTEM, USER,
+                          ChatTemplate, check_messages)
 from .config import TokenizerConfig
 from .errors import UserError
-
-SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, END = SPECIAL_TOKENS
-ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
-
-# GPT-4 (cl100k) pre-tokenization: contractions, letter runs with one leading non-letter, digit groups of
-# at most 3, punctuation runs, newlines, and whitespace that leaves one space to lead the next word.
-SPLIT_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
-# transformers' apply_chat_template with this template reproduces render_chat's text exactly.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') }}"
-    "{% endif %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
+from .tokenizer_train import SPLIT_PATTERN, build_bpe, build_char, keep_sample, replace_surrogates, take_bytes
 
 # Text the fast encoder must reproduce exactly before it is used: contractions in both cases, digit runs,
 # whitespace runs before words/digits/punctuation/line ends, and the Unicode classes the split regex tells
@@ -100,87 +70,7 @@ def byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def _clean(text: str) -> str:
-    return _SURROGATE.sub("\ufffd", text)
-
-
-def _special_added_tokens() -> list[AddedToken]:
-    return [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
-
-
 VERIFY_BYTES = 256 << 10  # real text the fast encoder must reproduce before use (HF encodes it in ~0.1 s)
-
-
-def _keep_sample(texts: Iterable[str], sample: list[str], limit: int) -> Iterator[str]:
-    """Pass texts through, keeping the first ones (up to `limit` characters) in `sample`."""
-    n = 0
-    for t in texts:
-        if n < limit:
-            sample.append(t[: limit - n])
-            n += len(sample[-1])
-        yield t
-
-
-def _take_bytes(texts: Iterable[str], limit: int) -> Iterable[str]:
-    """Yield texts until `limit` UTF-8 bytes have been given (the last one cut to fit)."""
-    left = limit
-    for t in texts:
-        if left <= 0:
-            return
-        if not t.isascii():  # (isascii is O(1) in CPython: most English documents skip the cleaning)
-            t = _clean(t)
-        n = len(t) if t.isascii() else len(t.encode("utf-8"))
-        if n > left:
-            t = t.encode("utf-8")[:left].decode("utf-8", "ignore")
-            n = left
-        left -= n
-        yield t
-
-
-def _build_bpe(texts: Iterable[str], cfg: TokenizerConfig) -> HFTokenizer:
-    """Train byte-level BPE on `texts` (already cut to cfg.max_train_bytes by Tokenizer.train).
-
-    Speed: ~95% of the time is HF's word counting (split regex + byte mapping per document), not the merges
-    (a 263-token vocab trains about as long as a 4096 one), so merge-side settings (max_token_length, ...)
-    do not help; documents are fed as they come (joining them into ~100 KB chunks was no faster, and would
-    count pieces across document boundaries that encoding never sees). ~1.7 s per 10 MB on one core.
-    """
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    min_vocab = len(SPECIAL_TOKENS) + 256
-    if cfg.vocab_size < min_vocab:
-        raise UserError(f"tokenizer.vocab_size={cfg.vocab_size} is too small for byte-level BPE; use at least {min_vocab}")
-    trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size,
-        min_frequency=cfg.min_frequency,
-        special_tokens=_special_added_tokens(),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text is encodable
-        # Cap learned tokens at 32 bytes (byte-level: one char per byte): deep indentation or long symbol runs
-        # would otherwise grow into huge one-off tokens that waste vocabulary slots.
-        max_token_length=32,
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
-
-
-def _build_char(texts: Iterable[str], cfg: TokenizerConfig) -> HFTokenizer:
-    chars: set[str] = set()
-    for t in texts:
-        chars.update(t)
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    for c in sorted(chars - set(SPECIAL_TOKENS)):
-        vocab[c] = len(vocab)
-    # No unk token: an unseen character is an error (see Tokenizer.encode), never silent data loss.
-    tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()  # WordLevel would otherwise join tokens with spaces
-    tok.add_special_tokens(_special_added_tokens())
-    return tok
 
 
 def available_cores() -> int:
@@ -191,7 +81,7 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _split_even(texts: list[str], n: int) -> list[list[str]]:
+def split_even(texts: list[str], n: int) -> list[list[str]]:
     """Cut texts into at most n contiguous runs of about equal character count (order kept)."""
     total = sum(map(len, texts)) or 1
     runs: list[list[str]] = [[]]
@@ -287,8 +177,8 @@ class Tokenizer:
         if cfg.kind not in ("bpe", "char"):
             raise UserError(f"tokenizer.kind={cfg.kind!r} is not known; use 'bpe' or 'char'")
         sample: list[str] = []
-        texts = _keep_sample(_take_bytes(texts, cfg.max_train_bytes), sample, VERIFY_BYTES)
-        hf = _build_bpe(texts, cfg) if cfg.kind == "bpe" else _build_char(texts, cfg)
+        texts = keep_sample(take_bytes(texts, cfg.max_train_bytes), sample, VERIFY_BYTES)
+        hf = build_bpe(texts, cfg) if cfg.kind == "bpe" else build_char(texts, cfg)
         tok = cls(hf, cfg.kind)
         tok.verify_fast(sample)
         return tok
@@ -392,7 +282,7 @@ class Tokenizer:
         texts = list(texts)
         threads = threads or available_cores()
         if threads > 1 and len(texts) > 1 and self.fast_backend != "hf":
-            parts = _split_even(texts, threads)
+            parts = split_even(texts, threads)
             with ThreadPoolExecutor(len(parts)) as ex:
                 arrays = list(ex.map(self._encode_run, parts))
             ids = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
@@ -489,7 +379,7 @@ class Tokenizer:
             try:
                 joined.encode("utf-8")
             except UnicodeEncodeError:  # lone surrogates: same cleaning as encode() (tiktoken's own differs)
-                texts = [_clean(t) for t in texts]
+                texts = [replace_surrogates(t) for t in texts]
                 joined = BOS + BOS.join(texts)
         enc = self._fast
         if joined.count(BOS) != len(texts):  # a document holds the literal text "<|bos|>": encode each alone
@@ -502,7 +392,7 @@ class Tokenizer:
         try:
             raw = joined.encode("utf-32-le")
         except UnicodeEncodeError:
-            texts = [_clean(t) for t in texts]  # one U+FFFD per surrogate: lengths are unchanged
+            texts = [replace_surrogates(t) for t in texts]  # one U+FFFD per surrogate: lengths are unchanged
             raw = "".join(texts).encode("utf-32-le")
         lut = self._fast
         cps = np.frombuffer(raw, dtype=np.uint32)
@@ -519,7 +409,7 @@ class Tokenizer:
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"encode expects str, got {type(t).__name__}") from err
-        cleaned = [_clean(t) for t in texts]
+        cleaned = [replace_surrogates(t) for t in texts]
         if self.kind == "char":
             vocab = self._hf.get_vocab()
             for t in cleaned:
@@ -561,7 +451,7 @@ class Tokenizer:
 
     # ---- chat ---------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-        """Ids and loss mask of a conversation (see module docstring for the format; an imported model's
+        """Ids and loss mask of a conversation (the format is described in chat_format.py; an imported model's
         conversations go through its own chat template, see ChatTemplate)."""
         check_messages(messages)
         if not self.native:
@@ -589,88 +479,10 @@ class Tokenizer:
             parts.append(ASSISTANT)
         return "".join(parts)
 
-
-    def _chat_template(self) -> "ChatTemplate":
+    def _chat_template(self) -> ChatTemplate:
         if self._template is None:
             raise UserError("this model's tokenizer has no chat template: use `generate` (plain text) instead of chat")
         return self._template
-
-
-def check_messages(messages: list[dict]) -> None:
-    """The message list every chat format accepts: role system/user/assistant, string content, system first."""
-    for n, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise UserError(f"message {n}: expected {{'role': ..., 'content': ...}}, got {type(m).__name__}")
-        role, content = m.get("role"), m.get("content")
-        if not isinstance(role, str) or role not in ROLE_TOKENS:
-            raise UserError(f"message {n}: role {role!r} is not one of system, user, assistant")
-        if not isinstance(content, str):
-            raise UserError(f"message {n}: content must be a string, got {type(content).__name__}")
-        if role == "system" and n != 0:
-            raise UserError(f"message {n}: a system message may only come first")
-
-
-class ChatTemplate:
-    """An imported model's own Jinja chat template, rendered as transformers' apply_chat_template does.
-
-    Ids: the rendered text tokenized with special tokens recognised (as transformers does), so "<|im_end|>"
-    typed inside a message is read as the token, as in transformers and llama.cpp. Loss mask: each assistant
-    turn's span is the text that rendering the conversation up to that turn adds to rendering the turns
-    before it with the generation prompt; the mask covers that span up to and including its end-of-turn
-    token (not a newline the template writes after it).
-    """
-
-    def __init__(self, tok: "Tokenizer"):
-        import jinja2
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
-        try:
-            self._template = env.from_string(tok.chat_template)
-        except jinja2.exceptions.TemplateError as e:
-            raise UserError(f"the model's chat template does not parse: {e}") from None
-        name = lambda i: tok.hf.id_to_token(i) if i is not None else None  # noqa: E731
-        self._vars = {"bos_token": name(tok.bos_id) or "", "eos_token": name(tok.eos_id) or "",
-                      "pad_token": name(tok.pad_id) or ""}
-        self._eot = name(tok.end_id) or ""
-        self._tok = tok
-        self._hf = HFTokenizer.from_str(tok._json)  # specials in the rendered text are read as tokens
-
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        import jinja2
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None, **self._vars)
-        except jinja2.exceptions.TemplateError as e:
-            raise UserError(f"the model's chat template refused the conversation: {e}") from None
-
-    def render_ids(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
-        text = self.render(messages, add_generation_prompt)
-        spans = []
-        for k, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before = self.render(messages[:k], add_generation_prompt=True)
-            upto = self.render(messages[:k + 1])
-            if not (upto.startswith(before) and text.startswith(upto)):
-                raise UserError("the model's chat template does not render a conversation turn by turn, so the "
-                                "assistant's tokens cannot be told apart for the loss")
-            seg = upto[len(before):]
-            j = seg.rfind(self._eot) if self._eot else -1
-            spans.append((len(before), len(before) + (j + len(self._eot) if j >= 0 else len(seg))))
-        enc = self._hf.encode(text, add_special_tokens=False)
-        ids = list(enc.ids)
-        mask = [int(any(a <= start < b for a, b in spans)) for start, _ in enc.offsets]
-        if self._tok.add_bos and (not ids or ids[0] != self._tok.bos_id):
-            ids, mask = [self._tok.bos_id, *ids], [0, *mask]
-        return ids, mask
 
 
 class IncrementalDecoder:
@@ -702,34 +514,15 @@ class IncrementalDecoder:
 
 def compression_report(tok: Tokenizer, texts: Iterable[str], max_bytes: int | None = None) -> dict:
     """How much text a token carries on `texts` (e.g. the validation split), cut to `max_bytes` UTF-8 bytes
-    the way reference_bytes_per_token cuts its validation text, so the two figures are comparable.
+    the way tokenizer_train.reference_bytes_per_token cuts its validation text, so the two figures are comparable.
 
     Returns {"docs", "bytes", "chars", "tokens", "bytes_per_token", "chars_per_token"}; higher is better
     compression (a model sees more text per position).
     """
-    docs = list(_take_bytes(texts, max_bytes) if max_bytes else texts)
+    docs = list(take_bytes(texts, max_bytes) if max_bytes else texts)
     ids, starts = tok.encode_documents(docs) if docs else (np.zeros(0), np.zeros(0))
     n_tok = len(ids) - len(starts)  # leave out the <|bos|> before each document
     n_bytes = sum(len(d.encode("utf-8", "surrogatepass")) for d in docs)
     n_chars = sum(map(len, docs))
     return {"docs": len(docs), "bytes": n_bytes, "chars": n_chars, "tokens": n_tok,
             "bytes_per_token": n_bytes / max(n_tok, 1), "chars_per_token": n_chars / max(n_tok, 1)}
-
-
-def reference_bytes_per_token(train_texts: Iterable[str], val_texts: Iterable[str], vocab_size: int,
-                              max_train_bytes: int = 5_000_000, max_val_bytes: int = 5_000_000) -> float:
-    """Bytes per token on `val_texts` of the peer library's stock byte-level BPE (HF ByteLevelBPETokenizer:
-    GPT-2 split regex, our special tokens, min_frequency 2) trained on `train_texts` with the same vocab size.
-
-    Training text is capped at `max_train_bytes` (about 0.2 CPU-seconds per MB) and validation text at
-    `max_val_bytes` (encoded at ~3 MB/s); pass the same cap to compression_report for a like-for-like figure.
-    """
-    from tokenizers import ByteLevelBPETokenizer
-
-    ref = ByteLevelBPETokenizer()
-    ref.train_from_iterator(_take_bytes(train_texts, max_train_bytes), vocab_size=vocab_size, min_frequency=2,
-                            special_tokens=SPECIAL_TOKENS, show_progress=False)
-    val = list(_take_bytes(val_texts, max_val_bytes))
-    n_tok = sum(len(e.ids) for e in ref.encode_batch(val)) if val else 0
-    n_bytes = sum(len(t.encode("utf-8")) for t in val)
-    return n_bytes / max(n_tok, 1)

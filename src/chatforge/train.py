@@ -9,7 +9,6 @@ so a resumed run logs bit-identical losses to an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -32,11 +31,11 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import machine
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_sum, autocast_ctx, is_fsdp, pick_device, unwrap, wrap_model
+from .distributed import (DistInfo, all_reduce_sum, autocast_ctx, is_fsdp, parallelize, pick_device, run_eagerly,
+                          unparallelize, unwrap)
 from .errors import UserError
+from .evaluate import IGNORE, EmptyEvalError, evaluate_lm, forward_at_targets
 from .optim import build_optimizer, build_scheduler
-
-IGNORE = -100
 
 # Peak dense bf16 FLOP/s per device, for MFU. Estimates: MFU is a yardstick, not a measurement.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12, "L4": 121e12,
@@ -93,66 +92,64 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         return grad.mul_(g), None  # the graph is used once (no retain_graph in training)
 
 
-ACTIVE_SHARE = 0.95  # compute only up to each row's last target when that leaves out 5% of positions or more
-
-
 def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over target tokens (!= -100), and how many there are."""
-    kwargs = {k: batch[k] for k in ("doc_ids", "position_ids") if k in batch}
-    y = batch["y"]
-    keep = y != IGNORE
-    n = int(keep.sum())
-    if 0 < n < keep.numel():  # the head and the loss only where there are targets (the same sum)
-        # Positions after a row's last target change no loss: skip them when that saves enough.
-        active = keep.flip(1).cummax(1).values.flip(1)
-        if int(active.sum()) < ACTIVE_SHARE * active.numel():
-            kwargs["active"] = active
-        logits = model(batch["x"], logits_at=keep, **kwargs)
-        return _SoftmaxCrossEntropy.apply(logits.float(), y[keep]), n
-    logits = model(batch["x"], **kwargs)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE,
+    logits, keep, n = forward_at_targets(model, batch)
+    if logits.dim() == 2:  # the head and the loss only where there are targets (the same sum)
+        return _SoftmaxCrossEntropy.apply(logits.float(), batch["y"][keep]), n
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch["y"].reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
     return loss, n
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[dict], device: torch.device) -> float:
-    """Mean loss per target token over the batches (summed across ranks)."""
-    was_training = model.training
-    model.eval()
-    tot = torch.zeros(2, dtype=torch.float64, device=device)
-    with autocast_ctx(device):
-        for b in batches:
-            b = {k: v.to(device) for k, v in b.items()}
-            s, n = loss_sum(model, b)
-            tot[0] += s.double()
-            tot[1] += n
-    all_reduce_sum(tot)
-    model.train(was_training)
-    return float(tot[0] / tot[1]) if tot[1] > 0 else float("nan")
+def val_loss(model: nn.Module, batches: Iterable[dict], device: torch.device) -> float:
+    """Mean loss per target token over the batches of every rank (evaluate_lm's); NaN when there are none."""
+    try:
+        return evaluate_lm(model, batches, device=device, accuracy=False)["loss"]
+    except EmptyEvalError:
+        return float("nan")
 
 
-def _apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in backward (memory for compute); state_dict names are unchanged."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in getattr(model, "layers", []):
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+evaluate = val_loss  # the old name, until its last callers move to val_loss or evaluate_lm
 
 
-# compile=auto means CUDA only. On CPU, inductor's kernels were measured at 1.00-1.07x eager on a quiet 2-core machine
-# (benchmarks/bench_train.py), cost 10-60 s to compile, and made run-to-run losses differ in the 4th decimal (the demo
-# preset, same seed): CPU runs stay eager and reproducible unless compile=on is asked for.
-def _use_compile(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether to torch.compile. Depends only on the config and device, so a resume decides alike."""
-    mode = str(cfg.compile).lower()
-    if mode in ("auto", ""):
-        return device.type == "cuda"
-    if mode in ("on", "true", "1", "yes"):
-        return True
-    if mode in ("off", "false", "0", "no"):
-        return False
-    raise UserError(f"train.compile '{cfg.compile}' is not known; use auto, on or off")
+@dataclasses.dataclass
+class LoopState:
+    """Everything the loop carries from step to step; saved in every checkpoint so a resume continues exactly."""
+    step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    skipped: int = 0  # steps whose loss was NaN/Inf
+    bad_in_row: int = 0
+    log_loss_sum: float = 0.0  # since the last train record
+    log_loss_n: int = 0
+    log_tokens: int = 0
+    log_seconds: float = 0.0
+    train_loss: float | None = None  # of the last train record
+    best_val: float | None = None
+    final_val: float | None = None
+    val_hist: list = dataclasses.field(default_factory=list)  # the last 3 evaluations, for the overfitting note
+    train_hist: list = dataclasses.field(default_factory=list)
+    evals_since_best: int = 0
+    early_stopped: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoopState:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+    def record_val(self, v: float) -> None:
+        self.final_val = v
+        if self.best_val is None or v < self.best_val:
+            self.best_val, self.evals_since_best = v, 0
+        else:
+            self.evals_since_best += 1
+        self.val_hist = (self.val_hist + [v])[-3:]
+        self.train_hist = (self.train_hist + [self.train_loss])[-3:]
+
+    def overfitting(self) -> bool:
+        """Validation loss rose for 2 evaluations while training loss fell."""
+        vh, th = self.val_hist, self.train_hist
+        return len(vh) == 3 and None not in th and vh[0] < vh[1] < vh[2] and th[0] > th[1] > th[2]
 
 
 # Tests stop a run at a known step with this (a SIGTERM sent to itself during that step), not with timing.
@@ -278,62 +275,70 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
     evaluation when cfg.sample_every_eval; its records go to metrics.jsonl as kind "sample". It runs under a
     forked RNG, so sampling never changes the training run. cfg.early_stop_patience > 0 stops after that many
     evaluations without a better validation loss, saving a checkpoint at every improvement (kept as best).
+    The model is parallelized for the run (distributed.parallelize) and given back plain (FSDP2 stays sharded).
 
     Returns {step, train_loss, best_val_loss, final_val_loss, tokens, seconds, skipped_steps, interrupted,
-    early_stopped}.
+    early_stopped, signal}.
     """
     out_dir = Path(out_dir)
     dist = dist or DistInfo(device=pick_device(cfg.device))
-    device, is_main = dist.device, dist.is_main
-    ckpt_root = out_dir / "ckpt"
-    metrics_path = out_dir / "metrics.jsonl"
     raw = unwrap(model)
     meta = {**meta}
     meta.setdefault("model", dataclasses.asdict(raw.cfg))
     meta.setdefault("train", dataclasses.asdict(cfg))
-    seq_len = int(getattr(train_loader, "seq_len", raw.cfg.seq_len))
-    accum = resolve_grad_accum(cfg, seq_len, dist.world)
     _check_vocab(train_loader, raw.cfg.vocab_size)
-
-    resume_dir = None
-    if resume:
-        if not ckpt.list_checkpoints(ckpt_root):
-            raise UserError(f"resume requested but {ckpt_root} has no checkpoint; run without --resume")
-        resume_dir = ckpt.resolve_checkpoint(ckpt_root, "last")
-        saved = ckpt.read_meta(resume_dir)
-        if saved.get("model") != meta["model"]:
-            changed = sorted(k for k in set(saved.get("model") or {}) | set(meta["model"])
-                             if (saved.get("model") or {}).get(k) != meta["model"].get(k))
-            raise UserError(f"{resume_dir}/meta.json: the checkpoint's model config differs from this run's "
-                            f"(changed: {', '.join(changed)}); resume with the same model config or start a new run")
-        if saved.get("tokenizer_hash") and meta.get("tokenizer_hash") and \
-                saved["tokenizer_hash"] != meta["tokenizer_hash"]:
-            raise UserError(f"{resume_dir}/meta.json: the checkpoint was trained with tokenizer "
-                            f"{saved['tokenizer_hash']}, this run's is {meta['tokenizer_hash']}; resume with the "
-                            f"tokenizer it was trained with or start a new run")
+    resume_dir = _resume_dir(out_dir / "ckpt", meta) if resume else None
 
     seed_everything(cfg.seed)
-    raw.to(device)
+    raw.to(dist.device)
     raw.train()
-    if cfg.activation_checkpointing:
-        _apply_activation_checkpointing(raw)
-    wrapped = wrap_model(raw, (strategy or cfg.strategy) if dist.world > 1 else "none", device)
+    wrapped = parallelize(raw, cfg, dist, strategy)
+    try:
+        return _run(raw, wrapped, cfg, train_loader, out_dir, val_batches, meta, resume_dir, dist, log, on_eval)
+    finally:
+        unparallelize(raw)
+
+
+def _resume_dir(ckpt_root: Path, meta: dict) -> Path:
+    """The checkpoint to resume from, after checking it was made with this model config and tokenizer."""
+    if not ckpt.list_checkpoints(ckpt_root):
+        raise UserError(f"resume requested but {ckpt_root} has no checkpoint; run without --resume")
+    resume_dir = ckpt.resolve_checkpoint(ckpt_root, "last")
+    saved = ckpt.read_meta(resume_dir)
+    if saved.get("model") != meta["model"]:
+        changed = sorted(k for k in set(saved.get("model") or {}) | set(meta["model"])
+                         if (saved.get("model") or {}).get(k) != meta["model"].get(k))
+        raise UserError(f"{resume_dir}/meta.json: the checkpoint's model config differs from this run's "
+                        f"(changed: {', '.join(changed)}); resume with the same model config or start a new run")
+    if saved.get("tokenizer_hash") and meta.get("tokenizer_hash") and \
+            saved["tokenizer_hash"] != meta["tokenizer_hash"]:
+        raise UserError(f"{resume_dir}/meta.json: the checkpoint was trained with tokenizer "
+                        f"{saved['tokenizer_hash']}, this run's is {meta['tokenizer_hash']}; resume with the "
+                        f"tokenizer it was trained with or start a new run")
+    return resume_dir
+
+
+def _run(raw: nn.Module, wrapped: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path,
+         val_batches: Callable[[], Iterable[dict]] | None, meta: dict, resume_dir: Path | None, dist: DistInfo,
+         log: Callable[[str], None], on_eval: Callable[[nn.Module, int], list[dict]] | None) -> dict:
+    """The loop of train(): `wrapped` is what parallelize returned for `raw`."""
+    device, is_main = dist.device, dist.is_main
+    ckpt_root = out_dir / "ckpt"
+    metrics_path = out_dir / "metrics.jsonl"
+    seq_len = int(getattr(train_loader, "seq_len", raw.cfg.seq_len))
+    accum = resolve_grad_accum(cfg, seq_len, dist.world)
     optimizer = build_optimizer(wrapped, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     flops_tok = train_flops_per_token(raw) if hasattr(raw, "flops_per_token") else 0.0
-    fwd = torch.compile(wrapped) if _use_compile(cfg, device) else wrapped
 
-    # Loop state: everything here goes into checkpoints so a resume continues exactly.
-    st = {"step": 0, "tokens": 0, "seconds": 0.0, "skipped": 0, "bad_in_row": 0, "log_loss_sum": 0.0,
-          "log_loss_n": 0, "log_tokens": 0, "log_seconds": 0.0, "train_loss": None, "best_val": None,
-          "final_val": None, "val_hist": [], "train_hist": [], "evals_since_best": 0, "early_stopped": False}
+    st = LoopState()
     if resume_dir is not None:
-        st.update(ckpt.load_training_state(resume_dir, wrapped, optimizer, scheduler, train_loader))
-        log(f"resumed from {resume_dir} at step {st['step']}")
+        st = LoopState.from_dict(ckpt.load_training_state(resume_dir, wrapped, optimizer, scheduler, train_loader))
+        log(f"resumed from {resume_dir} at step {st.step}")
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume_dir is not None:
-            _trim_metrics(metrics_path, st["step"])
+            _trim_metrics(metrics_path, st.step)
         elif metrics_path.exists():
             metrics_path.unlink()  # a fresh run starts a fresh log
 
@@ -351,21 +356,14 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
     def run_eval() -> float | None:
         if val_batches is None:
             return None
-        v = evaluate(fwd, val_batches(), device)
-        st["final_val"] = v
-        if st["best_val"] is None or v < st["best_val"]:
-            st["best_val"] = v
-            st["evals_since_best"] = 0
-        else:
-            st["evals_since_best"] += 1
-        tl = st["train_loss"]
-        write({"kind": "val", "step": st["step"], "val_loss": v, "train_loss": tl,
+        v = val_loss(wrapped, val_batches(), device)
+        st.record_val(v)
+        tl = st.train_loss
+        write({"kind": "val", "step": st.step, "val_loss": v, "train_loss": tl,
                "gap": v - tl if tl is not None else None})
-        samples(st["step"])
-        st["val_hist"] = (st["val_hist"] + [v])[-3:]
-        st["train_hist"] = (st["train_hist"] + [tl])[-3:]
-        vh, th = st["val_hist"], st["train_hist"]
-        if len(vh) == 3 and None not in th and vh[0] < vh[1] < vh[2] and th[0] > th[1] > th[2]:
+        samples(st.step)
+        if st.overfitting():
+            vh = st.val_hist
             log(f"warning: validation loss rose for 2 evaluations ({vh[0]:.4f} -> {vh[2]:.4f}) while training "
                 f"loss fell: the model is overfitting; use more data, fewer steps or dropout")
         return v
@@ -377,8 +375,9 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
         was_training = raw.training
         raw.eval()
         py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        try:  # generation runs the blocks eagerly: compiled for training shapes, they would recompile per length
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+                    run_eagerly():
                 recs = on_eval(raw, step)
         finally:
             random.setstate(py_state)
@@ -388,17 +387,16 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
             write({"kind": "sample", "step": step, "prompt": r.get("prompt", ""), "text": r.get("text", "")})
 
     def save(val: float | None) -> None:
-        extra = {k: v for k, v in st.items()}
-        ckpt.save_checkpoint(ckpt_root, st["step"], wrapped, optimizer, scheduler, train_loader, meta,
-                             val_loss=val, keep_last=cfg.keep_last, extra=extra)
+        ckpt.save_checkpoint(ckpt_root, st.step, wrapped, optimizer, scheduler, train_loader, meta,
+                             val_loss=val, keep_last=cfg.keep_last, extra=dataclasses.asdict(st))
 
-    bar = tqdm(total=cfg.steps, initial=st["step"], disable=not is_main or not sys.stderr.isatty(),
+    bar = tqdm(total=cfg.steps, initial=st.step, disable=not is_main or not sys.stderr.isatty(),
                dynamic_ncols=True, desc="train")
     interrupted = False
-    t_start = time.perf_counter() - st["seconds"]
-    last_saved = st["step"] if resume_dir is not None else -1
+    t_start = time.perf_counter() - st.seconds
+    last_saved = st.step if resume_dir is not None else -1
     with _StopFlag() as stop:
-        while st["step"] < cfg.steps:
+        while st.step < cfg.steps:
             t0 = time.perf_counter()
             micro = [train_loader.next_batch() for _ in range(accum)]
             top = max(max(int(b["x"].max()), int(b["y"].max())) for b in micro)
@@ -418,11 +416,11 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
                 # Skip DDP's gradient all-reduce on all but the last micro-batch.
                 sync = i == len(micro) - 1 or not hasattr(wrapped, "no_sync")
                 with (nullcontext() if sync else wrapped.no_sync()), autocast_ctx(device):
-                    s, _ = loss_sum(fwd, b)
+                    s, _ = loss_sum(wrapped, b)
                 (s * scale).backward()
                 total += s.detach().double()
             step_tokens = sum(b["x"].numel() for b in micro) * dist.world
-            if SIGNAL_AT_STEP and st["step"] + 1 == SIGNAL_AT_STEP and dist.is_main:  # test hook (see below)
+            if SIGNAL_AT_STEP and st.step + 1 == SIGNAL_AT_STEP and dist.is_main:  # test hook (see below)
                 os.kill(os.getpid(), signal.SIGTERM)
             # One all-reduce carries the loss and the stop flag, so every rank takes the same decision.
             packet = torch.tensor([0.0, 1.0 if stop.set else 0.0], dtype=torch.float64, device=device)
@@ -433,50 +431,50 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
 
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
-                st["skipped"] += 1
-                st["bad_in_row"] += 1
-                log(f"step {st['step'] + 1}: loss is {loss}; skipped the update "
-                    f"({st['bad_in_row']}/{cfg.max_bad_steps} in a row)")
-                if st["bad_in_row"] >= cfg.max_bad_steps:
-                    raise UserError(f"training stopped: the loss was NaN/Inf for {st['bad_in_row']} steps in a row "
-                                    f"(step {st['step'] + 1}); lower train.lr, keep train.grad_clip on, or check "
+                st.skipped += 1
+                st.bad_in_row += 1
+                log(f"step {st.step + 1}: loss is {loss}; skipped the update "
+                    f"({st.bad_in_row}/{cfg.max_bad_steps} in a row)")
+                if st.bad_in_row >= cfg.max_bad_steps:
+                    raise UserError(f"training stopped: the loss was NaN/Inf for {st.bad_in_row} steps in a row "
+                                    f"(step {st.step + 1}); lower train.lr, keep train.grad_clip on, or check "
                                     f"the data")
             else:
-                st["bad_in_row"] = 0
+                st.bad_in_row = 0
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                st["log_loss_sum"] += loss
-                st["log_loss_n"] += 1
+                st.log_loss_sum += loss
+                st.log_loss_n += 1
             lr = scheduler.get_last_lr()[0]
             with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
                 warnings.simplefilter("ignore", UserWarning)
                 scheduler.step()
-            st["step"] += 1
-            st["tokens"] += step_tokens
-            st["log_tokens"] += step_tokens
+            st.step += 1
+            st.tokens += step_tokens
+            st.log_tokens += step_tokens
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # honest timings
             dt = time.perf_counter() - t0
-            st["log_seconds"] += dt
-            st["seconds"] = time.perf_counter() - t_start
-            step = st["step"]
+            st.log_seconds += dt
+            st.seconds = time.perf_counter() - t_start
+            step = st.step
             bar.update(1)
 
             if step % max(cfg.log_every, 1) == 0 or step == cfg.steps:
-                avg = st["log_loss_sum"] / st["log_loss_n"] if st["log_loss_n"] else float("nan")
-                tps = st["log_tokens"] / max(st["log_seconds"], 1e-9)
+                avg = st.log_loss_sum / st.log_loss_n if st.log_loss_n else float("nan")
+                tps = st.log_tokens / max(st.log_seconds, 1e-9)
                 if peak and device.type == "cpu" and flops_tok * tps > peak:
                     peak = flops_tok * tps  # the peak was measured under load: it is at least what this step did
                 mfu = flops_tok * tps / peak if peak else 0.0
-                st["train_loss"] = avg if st["log_loss_n"] else st["train_loss"]
-                write({"kind": "train", "step": step, "loss": avg, "lr": lr, "tokens": st["tokens"],
-                       "tok_per_s": tps, "mfu": mfu, "time": st["seconds"]})
+                st.train_loss = avg if st.log_loss_n else st.train_loss
+                write({"kind": "train", "step": step, "loss": avg, "lr": lr, "tokens": st.tokens,
+                       "tok_per_s": tps, "mfu": mfu, "time": st.seconds})
                 bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1%}")
                 if bar.disable and is_main and (step % max(cfg.log_every * 10, 1) == 0 or step == cfg.steps):
                     log(f"step {step}/{cfg.steps} loss {avg:.4f} lr {lr:.2e} tok/s {tps:,.0f} mfu {mfu:.1%}")
-                st["log_loss_sum"], st["log_loss_n"], st["log_tokens"], st["log_seconds"] = 0.0, 0, 0, 0.0
+                st.log_loss_sum, st.log_loss_n, st.log_tokens, st.log_seconds = 0.0, 0, 0, 0.0
 
             final = step == cfg.steps
             ckpt_due = cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0
@@ -487,14 +485,14 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
                 if eval_due or final or ((ckpt_due or stop_now) and val_batches is not None):
                     val = run_eval()
                     if is_main and val is not None:
-                        gap = f" (gap {val - st['train_loss']:+.4f})" if st["train_loss"] is not None else ""
+                        gap = f" (gap {val - st.train_loss:+.4f})" if st.train_loss is not None else ""
                         (bar.write if not bar.disable else log)(f"step {step}: val loss {val:.4f}{gap}")
                     if val is not None and cfg.early_stop_patience > 0:
-                        improved = st["evals_since_best"] == 0
-                        early_stop = st["evals_since_best"] >= cfg.early_stop_patience and not final
-                        st["early_stopped"] = early_stop
+                        improved = st.evals_since_best == 0
+                        early_stop = st.evals_since_best >= cfg.early_stop_patience and not final
+                        st.early_stopped = early_stop
             if ckpt_due or final or stop_now or improved or early_stop:
-                st["seconds"] = time.perf_counter() - t_start
+                st.seconds = time.perf_counter() - t_start
                 save(val)
                 last_saved = step
             if stop_now:
@@ -503,13 +501,13 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
                 break
             if early_stop:
                 log(f"early stop at step {step}: validation loss has not improved for {cfg.early_stop_patience} "
-                    f"evaluations (best {st['best_val']:.4f}, kept as the best checkpoint)")
+                    f"evaluations (best {st.best_val:.4f}, kept as the best checkpoint)")
                 break
     bar.close()
     trackers.close()
-    if last_saved != st["step"] and st["step"] > 0:  # steps=0 or a resumed finished run
-        save(st["final_val"])
-    return {"step": st["step"], "train_loss": st["train_loss"], "best_val_loss": st["best_val"],
-            "final_val_loss": st["final_val"], "tokens": st["tokens"], "seconds": st["seconds"],
-            "skipped_steps": st["skipped"], "interrupted": interrupted, "early_stopped": st["early_stopped"],
+    if last_saved != st.step and st.step > 0:  # steps=0 or a resumed finished run
+        save(st.final_val)
+    return {"step": st.step, "train_loss": st.train_loss, "best_val_loss": st.best_val,
+            "final_val_loss": st.final_val, "tokens": st.tokens, "seconds": st.seconds,
+            "skipped_steps": st.skipped, "interrupted": interrupted, "early_stopped": st.early_stopped,
             "signal": (stop.signum or signal.SIGINT) if interrupted else None}

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-IGNORE = -100  # cross-entropy ignore_index
+IGNORE = -100  # target the loss skips (cross-entropy ignore_index); defined only here
 
 
 class _Stream:

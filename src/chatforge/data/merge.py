@@ -6,7 +6,7 @@
     merge_parts([Path(f"parts/{i}") for i in range(n)], Path("data"), cfg)
 
 Each part holds its filtered, exact-deduplicated documents tagged with their canonical order key (input file
-index, record number). The merge is a k-way merge by that key, so the documents reach the same `_Finisher`
+index, record number). The merge is a k-way merge by that key, so the documents reach the same `Finisher`
 as in a single run, in the same order: duplicates across parts are dropped (exact, and near when
 data.near_dedup is on), documents are split by hash and written, and the result is byte-identical to running
 `prepare_corpus` once over all inputs. Memory: one open shard per part plus the dedup hashes.
@@ -23,8 +23,8 @@ from pathlib import Path
 
 from ..config import DataConfig
 from ..errors import UserError
-from .prepare import (MANIFEST, PART_FORMAT, InputFile, _clear_outputs, _Finisher, _merge_drops,
-                      _no_text_error, _write_manifest, build_manifest, read_jsonl_zst)
+from .documents import MANIFEST, PART_FORMAT, clear_outputs, read_jsonl_zst, write_manifest
+from .prepare import Finisher, InputFile, build_manifest, merge_drops, no_text_error
 
 # Config fields that may differ between the parts and the merge without changing the result.
 _FREE_FIELDS = {"workers"}
@@ -88,11 +88,11 @@ def merge_parts(part_dirs: list[Path], out_dir: Path, cfg: DataConfig | None = N
     if any(out_dir.resolve() == p.resolve() for p in part_dirs):
         raise UserError(f"merge output {out_dir} is one of the parts; give a new folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_outputs(out_dir)
+    clear_outputs(out_dir)
 
     order = sorted(range(len(parts)), key=lambda i: parts[i]["shard_index"])
     streams = [_iter_part(part_dirs[i], parts[i]) for i in order]
-    fin = _Finisher(cfg, out_dir, files)
+    fin = Finisher(cfg, out_dir, files)
     try:
         for (fidx, _), rec in heapq.merge(*streams, key=lambda kr: kr[0]):
             if not fin.add(fidx, rec["text"], rec["source"], len(rec["text"].encode("utf-8"))):
@@ -110,15 +110,15 @@ def merge_parts(part_dirs: list[Path], out_dir: Path, cfg: DataConfig | None = N
         for i, c in m["read_per_file"].items():
             read_per_file.setdefault(int(i), Counter()).update(c)
     n_read = sum(m["documents_read"] for m in parts)
-    pre_drops = _merge_drops(*(m["dropped"] for m in parts))
+    pre_drops = merge_drops(*(m["dropped"] for m in parts))
     read_errors: Counter = Counter()
     masked: Counter = Counter()
     for m in parts:
         read_errors.update(m["read_errors"])
         masked.update(m["masked"])
     if fin.kept == 0:
-        _clear_outputs(out_dir)
-        raise _no_text_error(cfg, n_read, pre_drops, read_errors)
+        clear_outputs(out_dir)
+        raise no_text_error(cfg, n_read, pre_drops, read_errors)
 
     # Rejected records: the parts' files, one after another in shard order.
     has_rejects = False
@@ -130,5 +130,5 @@ def merge_parts(part_dirs: list[Path], out_dir: Path, cfg: DataConfig | None = N
             has_rejects = True
     manifest = build_manifest(cfg, files, fin, splits, n_read, read_per_file, pre_drops, dict(read_errors),
                               masked, has_rejects)
-    _write_manifest(out_dir, manifest)
+    write_manifest(out_dir, manifest)
     return manifest

@@ -1,18 +1,17 @@
-"""The `prepare` stage: raw inputs -> cleaned, filtered, deduplicated, split, zstd-compressed JSONL shards + manifest.
-
-Pretraining corpus (`prepare_corpus`), in two halves:
+"""The pretraining corpus (`prepare_corpus`): raw inputs -> cleaned, filtered, deduplicated, split,
+zstd-compressed JSONL shards + manifest, in two halves:
 
 1. Per document (a pure function of the raw text, so it runs in a process pool when data.workers > 1):
    clean (clean.py), optionally mask e-mail/IP addresses, drop by length and by the quality rules
    (quality.py), and hash (exact-dedup key, MinHash signature when near-dedup is on).
-2. In document order, in one process (`_Finisher`): drop exact and near duplicates (the first copy wins),
+2. In document order, in one process (`Finisher`): drop exact and near duplicates (the first copy wins),
    assign each document to train/val by a salted hash of its text, apply the mixing weights to train
    documents, and write shards.
 
 Document order is canonical: (input file index, record number in that file), files in data.inputs order.
 The pool returns results in that order (ordered map over batches), so the output is byte-identical for any
 number of workers. Sharded runs (`shard_index`/`num_shards`, see merge.py) write their surviving documents
-with that key; merging the parts is a k-way merge by key fed to the same `_Finisher`, which is why a merge
+with that key; merging the parts is a k-way merge by key fed to the same `Finisher`, which is why a merge
 equals a single run byte for byte.
 
 Memory stays bounded: per document only a 64-bit hash (and, with near-dedup, MinHash bands) is kept;
@@ -21,14 +20,11 @@ upsampled copies wait in a temporary file on disk.
 Validation never ends up empty when there are two or more documents: if the hash split puts nothing in val, the
 train document with the smallest split hash is moved there, so evaluation downstream always has data.
 
-Fine-tuning set (`prepare_sft`): chat records in any of the common shapes -> {"messages": [...]}, validated,
-split by the hash of the first user message so that no question appears in both splits.
+The shard and manifest format is in documents.py; the fine-tuning set is prepared by chat.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import multiprocessing
 import sys
@@ -42,95 +38,17 @@ from typing import Any
 import zstandard
 from tqdm import tqdm
 
-from ..config import DataConfig, SFTDataConfig
+from ..config import DataConfig
 from ..errors import UserError
-from .clean import clean_text, transform
+from .clean import transform
 from .dedup import ExactDedup, NearDedup, dedup_hash, split_fraction
+from .documents import (CORPUS_FORMAT, PART_FORMAT, PART_PREFIX, SPLITS, DocumentWriter, clear_outputs,
+                        read_jsonl_zst, write_manifest)
 from .quality import QualityFilter, mask_pii
-from .sources import JSON_SUFFIXES, ReadStats, expand_inputs, expand_inputs_indexed, iter_json_objects, iter_records
-from .stdlib_corpus import iter_stdlib_documents, stdlib_chat_examples, stdlib_root
+from .sources import ReadStats, expand_inputs_indexed, iter_records
+from .stdlib_corpus import iter_stdlib_documents, stdlib_root
 
-SHARD_BYTES = 64 << 20  # roll to a new shard after ~64 MB of uncompressed JSONL
-ZSTD_LEVEL = 3
-MANIFEST = "manifest.json"
-SPLITS = ("train", "val")
-CORPUS_FORMAT = "chatforge-corpus/1"
-PART_FORMAT = "chatforge-corpus-part/1"
-PART_PREFIX = "part"  # a sharded run writes part-00000.jsonl.zst, ...
 _BATCH_DOCS, _BATCH_CHARS = 512, 4 << 20  # a unit of work sent to a worker process
-
-
-def _progress(it, desc: str, unit: str):
-    return tqdm(it, desc=desc, unit=unit, disable=not sys.stderr.isatty(), smoothing=0.1)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-class ShardWriter:
-    """Writes {split}-00000.jsonl.zst, {split}-00001... with single-threaded zstd (deterministic bytes)."""
-
-    def __init__(self, out_dir: Path, split: str, shard_bytes: int = SHARD_BYTES) -> None:
-        self.out_dir, self.split, self.shard_bytes = out_dir, split, shard_bytes
-        self.shards: list[dict] = []
-        self.documents = 0
-        self.text_bytes = 0
-        self._writer = None
-        self._cur: dict = {}
-        self._open()
-
-    def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):05d}.jsonl.zst"
-        fh = open(self.out_dir / name, "wb")
-        self._writer = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=0).stream_writer(fh)
-        self._cur = {"file": name, "documents": 0, "bytes": 0}
-        self.shards.append(self._cur)
-
-    def _finish(self) -> None:
-        self._writer.close()
-        path = self.out_dir / self._cur["file"]
-        self._cur["compressed_bytes"] = path.stat().st_size
-        self._cur["sha256"] = _sha256(path)
-
-    def write_record(self, record: dict, nbytes: int) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        if self._cur["documents"] and self._cur["bytes"] + len(line) > self.shard_bytes:
-            self._finish()
-            self._open()
-        self._writer.write(line)
-        self._cur["documents"] += 1
-        self._cur["bytes"] += len(line)
-        self.documents += 1
-        self.text_bytes += nbytes
-
-    def write(self, text: str, source: str, nbytes: int) -> None:
-        self.write_record({"text": text, "source": source}, nbytes)
-
-    def close(self) -> dict:
-        self._finish()
-        return {"documents": self.documents, "bytes": self.text_bytes, "shards": self.shards}
-
-
-def read_jsonl_zst(path: Path) -> Iterator[dict]:
-    """Records of one shard, streamed."""
-    with open(path, "rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as reader:
-        for line in io.TextIOWrapper(reader, encoding="utf-8"):
-            yield json.loads(line)
-
-
-def _clear_outputs(out_dir: Path) -> None:
-    """Remove an earlier run's outputs so a smaller rerun leaves no stale shards (manifest first: it marks
-    a finished run)."""
-    for name in [MANIFEST, "rejects.jsonl"]:
-        (out_dir / name).unlink(missing_ok=True)
-    for split in (*SPLITS, PART_PREFIX):
-        for p in out_dir.glob(f"{split}-*.jsonl.zst"):
-            p.unlink()
 
 
 # ============================================================================================ inputs
@@ -314,7 +232,7 @@ def process_documents(cfg: DataConfig, items: Iterator[tuple[int, int, str, str]
 # ============================================================================================ finishing
 
 
-class _Finisher:
+class Finisher:
     """Second half (see module doc): dedup, split, weights, limits, writing. Fed documents in canonical order."""
 
     def __init__(self, cfg: DataConfig, out_dir: Path, files: list[InputFile]) -> None:
@@ -322,7 +240,7 @@ class _Finisher:
         self.exact = ExactDedup()
         self.near = NearDedup(cfg.near_dedup_threshold, cfg.near_dedup_num_perm, cfg.near_dedup_ngram) \
             if cfg.near_dedup else None
-        self.writers = {s: ShardWriter(out_dir, s) for s in SPLITS}
+        self.writers = {s: DocumentWriter(out_dir, s) for s in SPLITS}
         self.drops: dict[str, dict[str, int]] = {}
         self.kept = self.kept_bytes = 0
         self.stopped_by: str | None = None
@@ -456,7 +374,7 @@ class _Tally:
         self.masked["ips"] += res.ips
 
 
-def _merge_drops(*many: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+def merge_drops(*many: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for drops in many:
         for reason, d in drops.items():
@@ -466,7 +384,7 @@ def _merge_drops(*many: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     return dict(sorted(out.items()))
 
 
-def _no_text_error(cfg: DataConfig, n_read: int, drops: dict, read_errors: dict) -> UserError:
+def no_text_error(cfg: DataConfig, n_read: int, drops: dict, read_errors: dict) -> UserError:
     inputs_label = ", ".join(cfg.inputs) if cfg.inputs else "the Python standard library"
     reasons = {**{k: v["documents"] for k, v in drops.items()}, **read_errors}
     why = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or "no documents found"
@@ -474,7 +392,7 @@ def _no_text_error(cfg: DataConfig, n_read: int, drops: dict, read_errors: dict)
                      f"check the files and data.min_chars/max_chars/text_field/quality filters")
 
 
-def build_manifest(cfg: DataConfig, files: list[InputFile], fin: _Finisher, splits: dict, n_read: int,
+def build_manifest(cfg: DataConfig, files: list[InputFile], fin: Finisher, splits: dict, n_read: int,
                    read_per_file: dict[int, Counter], pre_drops: dict, read_errors: dict, masked: Counter,
                    has_rejects: bool) -> dict:
     """The corpus manifest (shared by a single run and a merge, so the two agree field for field)."""
@@ -498,17 +416,13 @@ def build_manifest(cfg: DataConfig, files: list[InputFile], fin: _Finisher, spli
         "documents_kept": fin.kept,
         "splits": splits,
         "val_forced": fin.val_forced,
-        "dropped": _merge_drops(pre_drops, fin.drops),
+        "dropped": merge_drops(pre_drops, fin.drops),
         "read_errors": dict(sorted(read_errors.items())),
         "masked": {k: masked.get(k, 0) for k in ("emails", "ips")} if cfg.mask_pii else None,
         "rejects_file": "rejects.jsonl" if has_rejects else None,
         "stopped_by": fin.stopped_by,
         "config": dataclasses.asdict(cfg),
     }
-
-
-def _write_manifest(out_dir: Path, manifest: dict) -> None:
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _progress_bar(files: list[InputFile], desc: str):
@@ -533,11 +447,11 @@ def prepare_corpus(cfg: DataConfig, out_dir: Path, shard_index: int | None = Non
     shard_index = shard_index or 0
     files = plan_inputs(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_outputs(out_dir)
+    clear_outputs(out_dir)
     stats = ReadStats(rejects_path=out_dir / "rejects.jsonl", strict=cfg.strict)
     tally = _Tally(files)
-    fin = None if part else _Finisher(cfg, out_dir, files)
-    part_writer = ShardWriter(out_dir, PART_PREFIX) if part else None
+    fin = None if part else Finisher(cfg, out_dir, files)
+    part_writer = DocumentWriter(out_dir, PART_PREFIX) if part else None
     part_dedup = ExactDedup()
     # Near-duplicate signatures are computed by the workers in a single run; a part leaves near-dedup to
     # the merge, which has to see every part.
@@ -580,212 +494,14 @@ def prepare_corpus(cfg: DataConfig, out_dir: Path, shard_index: int | None = Non
             "rejects_file": "rejects.jsonl" if (out_dir / "rejects.jsonl").exists() else None,
             "config": dataclasses.asdict(cfg),
         }
-        _write_manifest(out_dir, manifest)
+        write_manifest(out_dir, manifest)
         return manifest
 
     splits = fin.close()
     if fin.kept == 0:
-        _clear_outputs(out_dir)
-        raise _no_text_error(cfg, tally.read, tally.drops, stats.counts)
+        clear_outputs(out_dir)
+        raise no_text_error(cfg, tally.read, tally.drops, stats.counts)
     manifest = build_manifest(cfg, files, fin, splits, tally.read, tally.per_file, tally.drops, stats.counts,
                               tally.masked, (out_dir / "rejects.jsonl").exists())
-    _write_manifest(out_dir, manifest)
-    return manifest
-
-
-def iter_documents(data_dir: Path, split: str) -> Iterator[str]:
-    """Texts of one prepared split, in file order."""
-    data_dir = Path(data_dir)
-    if split not in SPLITS:
-        raise UserError(f"unknown split '{split}'; use one of: {', '.join(SPLITS)}")
-    mpath = data_dir / MANIFEST
-    if not mpath.is_file():
-        raise UserError(f"no prepared corpus in {data_dir} (missing {MANIFEST}); run `chatforge prepare` first")
-    manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    if manifest.get("format") == PART_FORMAT:
-        raise UserError(f"{data_dir} holds part {manifest['shard_index']} of a {manifest['num_shards']}-way "
-                        f"sharded prepare; join the parts with `chatforge merge` first")
-    for shard in manifest["splits"][split]["shards"]:
-        path = data_dir / shard["file"]
-        if not path.is_file():
-            raise UserError(f"{path} is listed in {mpath} but missing; run `chatforge prepare` again")
-        for rec in read_jsonl_zst(path):
-            yield rec["text"]
-
-
-# ============================================================================================ SFT
-
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system"}
-_ROLES = {"system", "user", "assistant"}
-_KNOWN_SHAPES = ("messages (OpenAI), conversations (ShareGPT: from/value), instruction/output (Alpaca), "
-                 "prompt/completion, question/answer")
-
-
-class _Skip(Exception):
-    """A record that is understood but unusable; the message is the reason counted in the manifest."""
-
-
-def normalize_chat(rec: Any) -> tuple[str, list[dict]] | None:
-    """(format name, messages) for a known record shape; None for an unknown shape. Raises _Skip(reason)."""
-    if not isinstance(rec, dict):
-        return None
-    if "messages" in rec:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
-            raise _Skip("bad_structure")
-        out = []
-        for m in msgs:
-            role = m.get("role")
-            out.append({"role": role.lower() if isinstance(role, str) else role, "content": m.get("content")})
-        return "openai", out
-    if "conversations" in rec:
-        conv = rec["conversations"]
-        if not isinstance(conv, list) or not all(isinstance(m, dict) for m in conv):
-            raise _Skip("bad_structure")
-        out = []
-        for m in conv:
-            who = m.get("from", m.get("role"))
-            role = _SHAREGPT_ROLES.get(who.lower(), who) if isinstance(who, str) else who
-            out.append({"role": role, "content": m.get("value", m.get("content"))})
-        return "sharegpt", out
-    if "instruction" in rec and "output" in rec:
-        user = rec["instruction"]
-        extra = rec.get("input")
-        if isinstance(user, str) and isinstance(extra, str) and extra.strip():
-            user = f"{user}\n\n{extra}"
-        out = []
-        if isinstance(rec.get("system"), str) and rec["system"].strip():
-            out.append({"role": "system", "content": rec["system"]})
-        history = rec.get("history") or []  # LLaMA-Factory style: [[user, assistant], ...] earlier turns
-        if not isinstance(history, list):
-            raise _Skip("bad_structure")
-        for turn in history:
-            if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
-                raise _Skip("bad_structure")
-            out += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
-        out += [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
-        return "alpaca", out
-    for q, a, name in (("prompt", "completion", "prompt_completion"), ("question", "answer", "question_answer")):
-        if q in rec and a in rec:
-            return name, [{"role": "user", "content": rec[q]}, {"role": "assistant", "content": rec[a]}]
-    return None
-
-
-def validate_messages(msgs: list[dict]) -> list[dict]:
-    """Cleaned messages, or _Skip(reason): optional leading system turn, then user/assistant alternating,
-    ending with the assistant."""
-    if not msgs:
-        raise _Skip("empty")
-    for m in msgs:
-        if m["role"] not in _ROLES:
-            raise _Skip("bad_role")
-        if not isinstance(m["content"], str):
-            raise _Skip("non_string_content")
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise _Skip("no_assistant")
-    body = msgs[1:] if msgs[0]["role"] == "system" else msgs
-    if not body or any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(body)) \
-            or body[-1]["role"] != "assistant":
-        raise _Skip("bad_order")
-    out = [{"role": m["role"], "content": clean_text(m["content"])} for m in msgs]
-    if any(not m["content"] for m in out if m["role"] != "system"):
-        raise _Skip("empty_content")
-    return out
-
-
-def _iter_sft_records(cfg: SFTDataConfig, stats: ReadStats) -> Iterator[tuple[Any, str, str, int]]:
-    """(record, file label, source, index within file) for every input record."""
-    if not cfg.inputs:
-        for i, ex in enumerate(stdlib_chat_examples()):
-            yield ex, "<python-stdlib-docstrings>", f"stdlib-docstrings:{i + 1}", i
-        return
-    for path in expand_inputs(cfg.inputs, JSON_SUFFIXES):
-        for i, (rec, line) in enumerate(iter_json_objects(path, stats)):
-            yield rec, str(path), f"{path}:{line}", i
-
-
-def _question_hash(msgs: list[dict]) -> bytes:
-    first_user = next(m["content"] for m in msgs if m["role"] == "user")
-    return hashlib.blake2b(("sft\0" + " ".join(first_user.split())).encode("utf-8"), digest_size=8).digest()
-
-
-def prepare_sft(cfg: SFTDataConfig, out_dir: Path) -> dict:
-    """Chat examples -> out_dir/sft_train.jsonl, sft_val.jsonl, sft_manifest.json; returns the manifest."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sft_manifest.json").unlink(missing_ok=True)
-    stats = ReadStats(rejects_path=out_dir / "sft_rejects.jsonl")
-    (out_dir / "sft_rejects.jsonl").unlink(missing_ok=True)
-    skipped: Counter = Counter()
-    formats: Counter = Counter()
-    examples: list[tuple[bytes, list[dict], str]] = []
-    seen: set[bytes] = set()
-    usable_in_file: Counter = Counter()
-    n_read = 0
-    records = _iter_sft_records(cfg, stats)
-    try:
-        for rec, label, source, idx in _progress(records, "prepare-sft", "example"):
-            n_read += 1
-            try:
-                got = normalize_chat(rec)
-                if got is None:
-                    if usable_in_file[label] == 0:
-                        keys = ", ".join(map(str, rec.keys())) if isinstance(rec, dict) else type(rec).__name__
-                        raise UserError(f"{source}: unrecognised chat record with keys [{keys}]; expected one of: "
-                                        f"{_KNOWN_SHAPES}")
-                    raise _Skip("unknown_format")
-                fmt, msgs = got
-                msgs = validate_messages(msgs)
-            except _Skip as e:
-                skipped[str(e)] += 1
-                continue
-            usable_in_file[label] += 1
-            key = hashlib.blake2b(json.dumps(msgs, sort_keys=True).encode(), digest_size=16).digest()
-            if key in seen:
-                skipped["duplicate"] += 1
-                continue
-            seen.add(key)
-            formats[fmt] += 1
-            examples.append((_question_hash(msgs), msgs, source))
-            if cfg.max_examples and len(examples) >= cfg.max_examples:
-                break
-    finally:
-        records.close()
-        stats.close()
-    skipped.update(stats.counts)
-    label = ", ".join(cfg.inputs) if cfg.inputs else "the stdlib docstring set"
-    if not examples:
-        why = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "no records found"
-        raise UserError(f"no usable chat examples in {label}: {n_read} records read, all skipped ({why})")
-
-    threshold = int(cfg.val_fraction * 2**64)
-    in_val = [int.from_bytes(h, "big") < threshold for h, _, _ in examples]
-    val_forced = False
-    if not any(in_val) and len(examples) >= 2:
-        # Move every example sharing the smallest question hash, so a question never sits in both splits
-        # (unless that is every example: then there is only one question and nothing to hold out).
-        smallest = min(h for h, _, _ in examples)
-        candidate = [h == smallest for h, _, _ in examples]
-        if not all(candidate):
-            in_val, val_forced = candidate, True
-    counts = {"train": 0, "val": 0}
-    with open(out_dir / "sft_train.jsonl", "w", encoding="utf-8") as ft, \
-            open(out_dir / "sft_val.jsonl", "w", encoding="utf-8") as fv:
-        for (h, msgs, source), v in zip(examples, in_val):
-            (fv if v else ft).write(json.dumps({"messages": msgs, "source": source}, ensure_ascii=False) + "\n")
-            counts["val" if v else "train"] += 1
-    manifest = {
-        "format": "chatforge-sft/1",
-        "inputs": list(cfg.inputs) or ["<python-stdlib-docstrings>"],
-        "records_read": n_read,
-        "counts": counts,
-        "formats": dict(sorted(formats.items())),
-        "skipped": dict(sorted(skipped.items())),
-        "val_forced": val_forced,
-        "files": {name: _sha256(out_dir / name) for name in ("sft_train.jsonl", "sft_val.jsonl")},
-        "config": dataclasses.asdict(cfg),
-    }
-    (out_dir / "sft_manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
-                                               encoding="utf-8")
+    write_manifest(out_dir, manifest)
     return manifest

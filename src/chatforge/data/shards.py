@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..tokenizer import VERIFY_BYTES, Tokenizer, _split_even, available_cores
+from ..tokenizer import VERIFY_BYTES, Tokenizer, available_cores, split_even
 
 MAGIC = b"CFTOKENS"
 VERSION = 1
@@ -177,7 +177,7 @@ def write_shards(tok: Tokenizer, texts: Iterable[str], out_dir: Path, shard_toke
             if workers == 1:
                 consume(tok.encode_documents(batch, threads=1), nbytes)
                 continue
-            futures = [pool.submit(tok.encode_documents, run, 1) for run in _split_even(batch, workers)]
+            futures = [pool.submit(tok.encode_documents, run, 1) for run in split_even(batch, workers)]
             pending.append((futures, nbytes))
             while len(pending) > 1:  # keep one batch encoding while the next one is read
                 _drain(pending.popleft(), consume)
@@ -238,3 +238,21 @@ def open_shards(shard_dir: Path, tok_hash: str | None = None, vocab_size: int | 
                   if h["tokens"] else np.zeros(0, dtype=h["dtype"]))
         shards.append(Shard(path=p, tokens=tokens, doc_starts=starts, header=h))
     return shards
+
+
+def token_arrays(shard_dir: Path, tok: Tokenizer) -> list[np.ndarray]:
+    """The memory-mapped token arrays of a split's shards, checked against the tokenizer."""
+    return [s.tokens for s in open_shards(shard_dir, tok_hash=tok.hash, vocab_size=tok.vocab_size)]
+
+
+def encode_documents(tok: Tokenizer, data_dir: Path, tokens_dir: Path, workers: int,
+                     splits: tuple[str, ...] = ("train", "val")) -> dict:
+    """Prepared documents (data_dir) -> token shards, one folder per split, and tokens_dir/stats.json."""
+    import json
+
+    from .documents import iter_documents
+
+    stats = {split: write_shards(tok, iter_documents(data_dir, split), tokens_dir / split, workers=workers)
+             for split in splits}
+    (tokens_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    return stats

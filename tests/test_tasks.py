@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chatforge import benchmarks as bm
+from chatforge import tasks as bm
 from chatforge.config import ModelConfig, TokenizerConfig
 from chatforge.errors import UserError
 from chatforge.model import GPT

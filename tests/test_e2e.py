@@ -4,12 +4,13 @@ import math
 
 import numpy as np
 import torch
+from PIL import Image
 
 from chatforge.checkpoint import load_model, resolve_checkpoint
 from chatforge.data.loader import iter_eval_batches
 from chatforge.data.shards import open_shards
 from chatforge.engine import Engine
-from chatforge.evaluate import evaluate_lm
+from chatforge.evaluate import evaluate_lm, evaluate_text
 from chatforge.tokenizer import Tokenizer
 
 
@@ -17,14 +18,44 @@ def _metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _curve_pixels(png) -> dict[str, int]:
+    """Pixels of matplotlib's first two line colours in a loss plot (8 x 4.5 in at 110 dpi)."""
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (880, 495), (png, im.size)
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    return {name: int((np.abs(rgb - c).sum(-1) < 40).sum()) for name, c in (("C0", (31, 119, 180)),
+                                                                             ("C1", (255, 127, 14)))}
+
+
 def test_run_directory_has_every_artifact(tiny_run):
     for rel in ["config.yaml", "data/manifest.json", "data/sft_train.jsonl", "data/sft_val.jsonl",
                 "tokenizer/tokenizer.json", "tokens/train", "tokens/val", "pretrain/metrics.jsonl",
                 "pretrain/loss.png", "finetune/metrics.jsonl", "loss.png", "report.md"]:
         assert (tiny_run / rel).exists(), rel
-    assert (tiny_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The artifacts agree with each other: documents prepared -> documents encoded -> tokens in the shards.
+    manifest = json.loads((tiny_run / "data" / "manifest.json").read_text())
+    stats = json.loads((tiny_run / "tokens" / "stats.json").read_text())
+    tok = Tokenizer.load(tiny_run / "tokenizer")
+    for split in ("train", "val"):
+        shards = open_shards(tiny_run / "tokens" / split, tok_hash=tok.hash)
+        assert stats[split]["docs"] == manifest["splits"][split]["documents"] == sum(len(s.doc_starts) for s in shards)
+        assert stats[split]["tokens"] == sum(len(s.tokens) for s in shards)
+    sft = json.loads((tiny_run / "data" / "sft_manifest.json").read_text())
+    for split in ("train", "val"):
+        assert len((tiny_run / "data" / f"sft_{split}.jsonl").read_text().splitlines()) == sft["counts"][split]
+    # Both stages learned: the last logged validation loss is below the first.
+    for stage in ("pretrain", "finetune"):
+        val = [m["val_loss"] for m in _metrics(tiny_run / stage / "metrics.jsonl") if m["kind"] == "val"]
+        assert len(val) >= 2 and val[-1] < val[0], (stage, val)
+        assert _curve_pixels(tiny_run / stage / "loss.png")["C0"] > 500  # the stage's curves are drawn
+    px = _curve_pixels(tiny_run / "loss.png")  # both stages in one plot
+    assert px["C0"] > 500 and px["C1"] > 500, px
+    # The report carries the evaluation table's numbers, for the base and the fine-tuned model.
     report = (tiny_run / "report.md").read_text()
-    assert "fine-tuned" in report and "base" in report
+    rows = json.loads((tiny_run / "eval" / "demo.json").read_text())
+    assert {r["model"] for r in rows} == {"base", "fine-tuned"}
+    for r in rows:
+        assert f"| {r['model']} | {r['split']} | {r['loss']:.4f} ± {r['loss_se']:.4f} |" in report, r
 
 
 def test_pretraining_beats_unigram_entropy(tiny_run):
@@ -68,7 +99,11 @@ def test_chat_reply_ends_at_end_of_turn(tiny_run):
     ids = tok.render_chat([{"role": "user", "content": "What does json.dumps do?"}], add_generation_prompt=True)[0]
     out = engine.generate(ids, max_new_tokens=200, temperature=0.0, stop_ids=(tok.end_id,))[0]
     assert out[-1] == tok.end_id, tok.decode(out)
-    assert tok.decode(out[:-1]).strip()
+    reply = tok.decode(out[:-1])
+    assert reply.strip() and not set(out[:-1]) & set(tok.stop_ids)
+    # `chat` gives the same reply: it stops at the same token and shows everything before it.
+    assert engine.chat([{"role": "user", "content": "What does json.dumps do?"}], max_new_tokens=200,
+                       temperature=0.0) == reply
 
 
 def _cli(*args):
@@ -85,7 +120,13 @@ def test_eval_cli_on_a_file_and_a_benchmark(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "doc.txt" in r.stdout
     rows = json.loads((tiny_run / "eval" / "pretrain_best_file.json").read_text())
-    assert rows[0]["tokens"] > 0 and math.isfinite(rows[0]["loss"])
+    # The same numbers as evaluating the pretrained checkpoint on the file directly: every token after the
+    # first scored once, with 64-token strides.
+    tok = Tokenizer.load(tiny_run / "tokenizer")
+    model, _ = load_model(resolve_checkpoint(tiny_run / "pretrain" / "ckpt", "best"))
+    want = evaluate_text(model, tok, [text.read_text()], model.cfg.seq_len, stride=64)
+    assert rows[0]["tokens"] == want["tokens"] == len(tok.encode(text.read_text())) - 1
+    assert math.isclose(rows[0]["loss"], want["loss"], rel_tol=1e-5), (rows[0]["loss"], want["loss"])
     mc = tmp_path / "mc.jsonl"
     mc.write_text("\n".join(json.dumps({"ctx": "def f(x):\n    return", "endings": [" x", " ))))((((", " ]]]]"],
                                         "label": 0}) for _ in range(3)) + "\n")
@@ -106,7 +147,16 @@ def test_eval_cli_on_a_file_and_a_benchmark(tiny_run, tmp_path):
 
 def test_generate_export_and_embeddings(tiny_run, tmp_path):
     r = _cli("generate", tiny_run, "--stage", "pretrain", "--prompt", "def ", "generate.max_new_tokens=16")
-    assert r.returncode == 0 and len(r.stdout.strip()) > len("def "), r.stderr
+    assert r.returncode == 0, r.stderr
+    # The prompt, then the pretrained model's continuation with the run's generate settings (seeded).
+    from chatforge.config import load_config
+    g = load_config(str(tiny_run / "config.yaml")).generate
+    tok = Tokenizer.load(tiny_run / "tokenizer")
+    eng = Engine(load_model(resolve_checkpoint(tiny_run / "pretrain" / "ckpt", "best"))[0], tok)
+    cont = eng.stream(eng.complete_prompt("def "), max_new_tokens=16, temperature=g.temperature, top_k=g.top_k,
+                      top_p=g.top_p, repetition_penalty=g.repetition_penalty, seed=g.seed)
+    assert r.stdout == "def " + "".join(cont) + "\n", r.stdout
+    assert cont.n_tokens == 16
     out = tmp_path / "hf"
     r = _cli("export", tiny_run, out)
     assert r.returncode == 0, r.stderr
@@ -122,4 +172,8 @@ def test_generate_export_and_embeddings(tiny_run, tmp_path):
     r = _cli("embeddings", tiny_run, "--near", "def", "--plot", png)
     assert r.returncode == 0, r.stderr
     neighbours = [l for l in r.stdout.splitlines() if l[:1] in "+-" and "'" in l]
-    assert png.read_bytes()[:4] == b"\x89PNG" and len(neighbours) == 10, r.stdout
+    assert len(neighbours) == 10, r.stdout
+    with Image.open(png) as im:  # a real scatter plot: large, with the points drawn (translucent blue)
+        assert im.format == "PNG" and min(im.size) > 1000, im.size
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    assert int(((rgb[..., 2] - rgb[..., 0]) > 40).sum()) > 300

@@ -133,6 +133,28 @@ class TrainConfig:
 
 
 @dataclass
+class DPOConfig:
+    """finetune.mode=dpo: preference pairs (prompt, chosen, rejected) in finetune.inputs."""
+    beta: float = 0.1  # strength of the pull towards the reference model
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    val_fraction: float = 0.1  # pairs held out (by prompt hash) for reward margin and accuracy
+
+
+@dataclass
+class GRPOConfig:
+    """finetune.mode=grpo: RL with verifiable rewards on a task's prompts."""
+    task: str = "addition"  # a registered reward task (addition, gsm8k) or FILE.py:FUNCTION(prompt, completion, **item)
+    prompts: str = ""  # JSONL of prompts for the task ({"prompt", ...}); empty -> the task's own
+    group: int = 8  # samples per prompt (advantages are normalised within a group)
+    prompts_per_step: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    epsilon: float = 0.2  # clip range of the probability ratio
+    beta: float = 0.0  # KL penalty towards the reference model (0 = none, as TRL's default)
+    eval_prompts: int = 64  # held-out prompts scored greedily before/after
+
+
+@dataclass
 class FinetuneConfig(TrainConfig):
     """The training settings (the same loop as pretraining) plus what only fine-tuning has."""
     init_from: str = ""  # checkpoint, HF folder or hub name to start from ("" -> the run's latest model)
@@ -148,6 +170,8 @@ class FinetuneConfig(TrainConfig):
     # so every example ends with <|end|>; "cut" keeps the first seq_len tokens, long replies without their end.
     too_long: str = "turns"
     seq_len: int = 0  # training context; 0 = the model's own (an imported model's can be far longer than needed)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
 @dataclass

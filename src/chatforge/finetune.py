@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .config import Config
+from .train import Plan
 from .errors import UserError
 from .paths import RunPaths
 
-MODES = ("sft", "cpt")
+MODES = ("sft", "cpt", "dpo", "grpo")
 
 
 def sft_examples(tok, path: Path, seq_len: int, too_long: str = "turns"):
@@ -159,17 +160,96 @@ def measure(model, device, *, domain: Callable[[], Iterable[dict]] | None,
     return out
 
 
+LABELS = {"end_of_turn_share": "end-of-turn share (generate settings)",
+          "end_of_turn_share_greedy": "end-of-turn share (greedy)",
+          "rouge_l": "ROUGE-L F1 vs references (greedy)"}
+
+
 def _print_evidence(ev: dict) -> None:
+    """Every number measured before and after (a mode's evidence may add its own: reward, accuracy, ...)."""
     from .report import print_table
 
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    rows = [{"metric": k, "before": fmt(ev["before"][k]), "after": fmt(ev["after"][k])}
-            for k in ("domain_val_loss", "general_val_loss", "chat_val_loss")]
-    for key, label in (("end_of_turn_share", "end-of-turn share (generate settings)"),
-                       ("end_of_turn_share_greedy", "end-of-turn share (greedy)"),
-                       ("rouge_l", "ROUGE-L F1 vs references (greedy)")):
-        rows.append({"metric": label, "before": fmt(ev["before"].get(key)), "after": fmt(ev["after"].get(key))})
+    fmt = lambda v: "n/a" if v is None else str(v) if isinstance(v, int) else f"{v:.4f}"  # noqa: E731
+    keys = [k for k in dict.fromkeys([*ev["before"], *ev["after"]])
+            if all(isinstance(ev[w].get(k), (int, float, type(None))) for w in ("before", "after"))
+            and not isinstance(ev["after"].get(k), bool)]
+    rows = [{"metric": LABELS.get(k, k), "before": fmt(ev["before"].get(k)), "after": fmt(ev["after"].get(k))}
+            for k in keys]
     print_table(rows, ["metric", "before", "after"], title=f"finetune ({ev['mode']}) evidence")
+
+
+# ---------------------------------------------------------------- what each mode trains on and measures
+
+def _general_eval(cfg: Config, paths: RunPaths, tok, seq_len: int):
+    """Forgetting: the run's pretraining validation text, when it was encoded with this tokenizer."""
+    from .data.loader import iter_eval_batches
+    from .data.shards import token_arrays
+    try:
+        gen_val = token_arrays(paths.tokens / "val", tok)
+    except UserError:
+        return None
+    return lambda: iter_eval_batches(gen_val, cfg.eval.batch_size, seq_len,
+                                     max_batches=cfg.eval.max_batches or cfg.train.eval_batches)
+
+
+def _chat_evidence(cfg: Config, paths: RunPaths, tok, device, chat_val_path: Path, domain, general, chat):
+    from .evidence import held_out, reply_check
+    prompts = held_out(chat_val_path, cfg.finetune.eval_prompts)
+
+    def evidence(m) -> dict:
+        out = measure(m, device, domain=domain, general=general, chat=chat)
+        if prompts:
+            out.update(reply_check(m, tok, prompts, cfg.generate, device, sampled=cfg.finetune.eval_sampled))
+        return out
+    return evidence
+
+
+def _sft_plan(cfg: Config, paths: RunPaths, tok, dist, seq_len: int, resume: bool) -> Plan:
+    from .data.loader import SFTLoader, iter_sft_eval_batches
+    fcfg, bs, ebs = cfg.finetune, cfg.finetune.batch_size, cfg.eval.batch_size
+    sft_dir = _sft_dir(cfg, paths, resume)
+    train_ex, train_stats = sft_examples(tok, sft_dir / "sft_train.jsonl", seq_len, fcfg.too_long)
+    val_ex, val_stats = sft_examples(tok, sft_dir / "sft_val.jsonl", seq_len, fcfg.too_long)
+    manifest_path = sft_dir / "sft_manifest.json"
+    skipped = json.loads(manifest_path.read_text()).get("skipped", {}) if manifest_path.is_file() else {}
+    loader = SFTLoader(train_ex, bs, seq_len, pad_id=tok.pad_id, rank=dist.rank, world=dist.world, seed=fcfg.seed)
+    train_val = lambda: iter_sft_eval_batches(val_ex, ebs, seq_len, pad_id=tok.pad_id,  # noqa: E731
+                                              max_batches=fcfg.eval_batches)
+    domain_eval = lambda: iter_sft_eval_batches(val_ex, ebs, seq_len, pad_id=tok.pad_id,  # noqa: E731
+                                                max_batches=cfg.eval.max_batches)
+    evidence = _chat_evidence(cfg, paths, tok, dist.device, sft_dir / "sft_val.jsonl", domain_eval,
+                              _general_eval(cfg, paths, tok, seq_len), domain_eval)
+    return Plan(loader, train_val, evidence,
+                f"{train_stats['examples']} chat examples ({train_stats['truncated']} truncated, "
+                f"{train_stats['dropped']} dropped; skipped while preparing: {skipped or 'none'})",
+                {"sft_dir": str(sft_dir), "skipped": skipped, "train": train_stats, "val": val_stats})
+
+
+def _cpt_plan(cfg: Config, paths: RunPaths, tok, dist, seq_len: int, resume: bool) -> Plan:
+    from .data.loader import TokenLoader, iter_eval_batches, iter_sft_eval_batches
+    from .data.shards import token_arrays
+    fcfg, bs, ebs = cfg.finetune, cfg.finetune.batch_size, cfg.eval.batch_size
+    tok_dir = _cpt_tokens(cfg, paths, tok, resume)
+    try:
+        loader = TokenLoader(token_arrays(tok_dir / "train", tok), bs, seq_len, rank=dist.rank, world=dist.world,
+                             seed=fcfg.seed)
+    except ValueError as e:
+        raise UserError(f"domain text {', '.join(fcfg.inputs)}: {e}") from None
+    dom_val = token_arrays(tok_dir / "val", tok)
+    stats = json.loads((tok_dir / "stats.json").read_text())
+    train_val = lambda: iter_eval_batches(dom_val, ebs, seq_len, max_batches=fcfg.eval_batches)  # noqa: E731
+    domain_eval = lambda: iter_eval_batches(dom_val, ebs, seq_len, max_batches=cfg.eval.max_batches)  # noqa: E731
+    chat_val_path = paths.data / "sft_val.jsonl"
+    chat_eval = None
+    if chat_val_path.is_file():
+        chat_ex, _ = sft_examples(tok, chat_val_path, seq_len)
+        chat_eval = lambda: iter_sft_eval_batches(chat_ex, ebs, seq_len, pad_id=tok.pad_id,  # noqa: E731
+                                                  max_batches=cfg.eval.max_batches)
+    evidence = _chat_evidence(cfg, paths, tok, dist.device, chat_val_path, domain_eval,
+                              _general_eval(cfg, paths, tok, seq_len), chat_eval)
+    return Plan(loader, train_val, evidence,
+                f"{stats['train']['tokens']:,} domain tokens ({stats['val']['tokens']:,} held out)",
+                {"tokens_dir": str(tok_dir), "tokens": {k: v.get("tokens") for k, v in stats.items()}})
 
 
 # ---------------------------------------------------------------- the stage
@@ -195,25 +275,25 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
     plus 'eval'.
 
     mode "sft": chat (inputs = chat JSONL files, default the run's prepared chat set); "cpt": continued
-    pretraining (inputs = domain text, required). lora_rank > 0: LoRA on lora_targets (default all seven
+    pretraining (inputs = domain text, required); "dpo": preference pairs (dpo.py); "grpo": RL with verifiable
+    rewards (grpo.py). lora_rank > 0: LoRA on lora_targets (default all seven
     projections) with lora_alpha (0 -> 2 * rank) and lora_dropout; else full fine-tuning.
     """
     import torch
 
     from .checkpoint import load_model, resolve_checkpoint, save_checkpoint
-    from .data.loader import SFTLoader, TokenLoader, iter_eval_batches, iter_sft_eval_batches
-    from .data.shards import token_arrays
     from .distributed import setup, teardown
-    from .evidence import eval_samples, held_out, reply_check
+    from .evidence import eval_samples
     from .lora import LORA_TARGETS, LoraSettings, add_lora, merge_lora, save_adapter, trainable_counts
     from .report import plot_stage
     from .train import train
 
     fcfg = cfg.finetune
     mode, inputs = fcfg.mode, list(fcfg.inputs)
-    lora_rank, eval_prompts = fcfg.lora_rank, fcfg.eval_prompts
+    lora_rank = fcfg.lora_rank
     if mode not in MODES:
-        raise UserError(f"finetune mode {mode!r} is not known; use sft (chat) or cpt (continued pretraining)")
+        raise UserError(f"finetune mode {mode!r} is not known; use sft (chat), cpt (continued pretraining), dpo "
+                        f"(preference pairs) or grpo (RL with verifiable rewards)")
     if lora_rank < 0:
         raise UserError(f"--lora-rank {lora_rank} must be >= 0 (0 = full fine-tuning)")
     lora = LoraSettings(lora_rank, fcfg.lora_alpha, fcfg.lora_dropout, list(fcfg.lora_targets or LORA_TARGETS)) \
@@ -231,65 +311,18 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
     seq_len = model.cfg.seq_len if origin == "chatforge" else min(model.cfg.seq_len, cfg.model.seq_len)
     if fcfg.seq_len:  # a shorter training context (an imported model's own is long; its RoPE tables cover it)
         seq_len = min(seq_len, fcfg.seq_len)
-    bs, ebs = cfg.finetune.batch_size, cfg.eval.batch_size
-    data_info: dict = {}
-
-    # Data: the training loader, the in-training validation, and the before/after evaluation sets.
-    if mode == "sft":
-        sft_dir = _sft_dir(cfg, paths, resume)
-        train_ex, train_stats = sft_examples(tok, sft_dir / "sft_train.jsonl", seq_len, fcfg.too_long)
-        val_ex, val_stats = sft_examples(tok, sft_dir / "sft_val.jsonl", seq_len, fcfg.too_long)
-        manifest_path = sft_dir / "sft_manifest.json"
-        skipped = json.loads(manifest_path.read_text()).get("skipped", {}) if manifest_path.is_file() else {}
-        data_info = {"sft_dir": str(sft_dir), "skipped": skipped, "train": train_stats, "val": val_stats}
-        loader = SFTLoader(train_ex, bs, seq_len, pad_id=tok.pad_id, rank=dist.rank, world=dist.world,
-                           seed=cfg.finetune.seed)
-        chat_val_path = sft_dir / "sft_val.jsonl"
-        train_val = lambda: iter_sft_eval_batches(val_ex, ebs, seq_len, pad_id=tok.pad_id,  # noqa: E731
-                                                  max_batches=cfg.finetune.eval_batches)
-        domain_eval = lambda: iter_sft_eval_batches(val_ex, ebs, seq_len, pad_id=tok.pad_id,  # noqa: E731
-                                                    max_batches=cfg.eval.max_batches)
-        chat_eval = domain_eval
-        summary_line = (f"{train_stats['examples']} chat examples ({train_stats['truncated']} truncated, "
-                        f"{train_stats['dropped']} dropped; skipped while preparing: {skipped or 'none'})")
+    if mode in ("dpo", "grpo"):
+        import importlib
+        plan = importlib.import_module(f".{mode}", __package__).plan(cfg, paths, model, tok, dist, seq_len, resume)
     else:
-        tok_dir = _cpt_tokens(cfg, paths, tok, resume)
-        try:
-            loader = TokenLoader([a for a in token_arrays(tok_dir / "train", tok)], bs, seq_len, rank=dist.rank,
-                                 world=dist.world, seed=cfg.finetune.seed)
-        except ValueError as e:
-            raise UserError(f"domain text {', '.join(inputs)}: {e}") from None
-        dom_val = token_arrays(tok_dir / "val", tok)
-        stats = json.loads((tok_dir / "stats.json").read_text())
-        data_info = {"tokens_dir": str(tok_dir), "tokens": {k: v.get("tokens") for k, v in stats.items()}}
-        train_val = lambda: iter_eval_batches(dom_val, ebs, seq_len, max_batches=cfg.finetune.eval_batches)  # noqa: E731
-        domain_eval = lambda: iter_eval_batches(dom_val, ebs, seq_len, max_batches=cfg.eval.max_batches)  # noqa: E731
-        chat_val_path = paths.data / "sft_val.jsonl"
-        chat_eval = None
-        if chat_val_path.is_file():
-            chat_ex, _ = sft_examples(tok, chat_val_path, seq_len)
-            chat_eval = lambda: iter_sft_eval_batches(chat_ex, ebs, seq_len, pad_id=tok.pad_id,  # noqa: E731
-                                                      max_batches=cfg.eval.max_batches)
-        summary_line = f"{stats['train']['tokens']:,} domain tokens ({stats['val']['tokens']:,} held out)"
-    general_eval = None
-    try:  # forgetting: the run's pretraining validation text, when it was encoded with this tokenizer
-        gen_val = token_arrays(paths.tokens / "val", tok)
-        general_eval = lambda: iter_eval_batches(gen_val, ebs, seq_len,  # noqa: E731
-                                                 max_batches=cfg.eval.max_batches or cfg.train.eval_batches)
-    except UserError:
-        pass
-    prompts = held_out(chat_val_path, eval_prompts)
+        plan = _sft_plan(cfg, paths, tok, dist, seq_len, resume) if mode == "sft" else \
+            _cpt_plan(cfg, paths, tok, dist, seq_len, resume)
     max_new = cfg.generate.max_new_tokens
-
-    def evidence(m) -> dict:
-        out = measure(m, device, domain=domain_eval, general=general_eval, chat=chat_eval)
-        if prompts:
-            out.update(reply_check(m, tok, prompts, cfg.generate, device, sampled=fcfg.eval_sampled))
-        return out
+    evidence = plan.evidence
 
     if dist.is_main:
         paths.save_config(cfg, "finetune")
-        print(f"finetune ({mode}{f', LoRA rank {lora.rank}' if lora else ', full'}): {summary_line}; "
+        print(f"finetune ({mode}{f', LoRA rank {lora.rank}' if lora else ', full'}): {plan.summary}; "
               f"from {init_dir}")
     model.to(device)
     before = evidence(model)
@@ -301,12 +334,15 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
         if dist.is_main:
             print(f"LoRA: rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g} on "
                   f"{', '.join(lora.targets)}: {n_train:,} of {n_all:,} parameters train ({n_train / n_all:.2%})")
+    if plan.bind is not None:
+        plan.bind(model)
     meta = {"stage": "finetune", "mode": mode, "model": asdict(model.cfg), "tokenizer_hash": tok.hash,
             "init_from": str(init_dir), "init_kind": origin, "lora": lora.to_dict() if lora else None}
     if resume:
         _check_resume(train_dir, meta)
-    summary = train(model, cfg.finetune, loader, train_dir, val_batches=train_val, meta=meta, resume=resume,
-                    on_eval=eval_samples(tok, cfg, chat=mode == "sft"), dist=dist)
+    summary = train(model, cfg.finetune, plan.loader, train_dir, val_batches=plan.val_batches, meta=meta,
+                    resume=resume, on_eval=eval_samples(tok, cfg, chat=mode != "cpt"), dist=dist,
+                    objective=plan.objective)
     if summary.get("interrupted"):  # stopped by a signal: no merge, no evidence; `--resume` finishes the run
         teardown()
         return {**summary, "eval": None}
@@ -333,7 +369,7 @@ def run_finetune(cfg: Config, paths: RunPaths, *, force: bool = False, resume: b
     after = evidence(final)
 
     result = {"mode": mode, "init_from": str(init_dir), "init_kind": origin, "lora": meta["lora"],
-              "data": data_info, "max_new_tokens": max_new, "before": before, "after": after,
+              "data": plan.data_info, "max_new_tokens": max_new, "before": before, "after": after,
               "train": summary}
     if dist.is_main:
         plot_stage(paths.finetune)

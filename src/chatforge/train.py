@@ -20,7 +20,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -110,7 +110,38 @@ def val_loss(model: nn.Module, batches: Iterable[dict], device: torch.device) ->
         return float("nan")
 
 
-evaluate = val_loss  # the old name, until its last callers move to val_loss or evaluate_lm
+class NextToken:
+    """What the loop minimises, pluggable: this default is next-token cross-entropy per target token
+    (pretraining, chat SFT, continued pretraining). dpo.py and grpo.py give others with the same four methods:
+    loss(model, batch) -> summed over units; count(batch) -> units (the step's mean is over all ranks' units);
+    validate(model, batches, device) -> (mean loss, extra metrics); stats() -> metrics since the last call."""
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return loss_sum(model, batch)[0]
+
+    def count(self, batch: dict) -> float:
+        return float((batch["y"] != IGNORE).sum())
+
+    def validate(self, model: nn.Module, batches: Iterable[dict], device: torch.device) -> tuple[float, dict]:
+        return val_loss(model, batches, device), {}
+
+    def stats(self) -> dict:
+        return {}
+
+
+@dataclasses.dataclass
+class Plan:
+    """A fine-tuning mode's part (finetune.py: sft, cpt; dpo.py; grpo.py): the training batches, in-training
+    validation, before/after evidence, and the objective the loop minimises (None: NextToken). bind(model) is
+    called with the model that trains (LoRA-wrapped when LoRA is on) before training, for modes that sample
+    from it."""
+    loader: Any
+    val_batches: Callable[[], Iterable[dict]] | None
+    evidence: Callable[[Any], dict]  # model -> {metric: value, ...}, measured before and after
+    summary: str  # one line: what it trains on
+    data_info: dict
+    objective: Any = None
+    bind: Callable[[nn.Module], None] | None = None
 
 
 @dataclasses.dataclass
@@ -268,7 +299,7 @@ def _trim_metrics(path: Path, step: int) -> None:
 def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
           val_batches: Callable[[], Iterable[dict]] | None, meta: dict, resume: bool = False,
           dist: DistInfo | None = None, log: Callable[[str], None] = print, strategy: str | None = None,
-          on_eval: Callable[[nn.Module, int], list[dict]] | None = None) -> dict:
+          on_eval: Callable[[nn.Module, int], list[dict]] | None = None, objective=None) -> dict:
     """Train for cfg.steps optimizer steps; metrics to out_dir/metrics.jsonl, checkpoints to out_dir/ckpt.
 
     on_eval(model, step) -> [{"prompt", "text"}, ...]: called (main process, eval mode, no grad) after each
@@ -294,7 +325,8 @@ def train(model: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path, *,
     raw.train()
     wrapped = parallelize(raw, cfg, dist, strategy)
     try:
-        return _run(raw, wrapped, cfg, train_loader, out_dir, val_batches, meta, resume_dir, dist, log, on_eval)
+        return _run(raw, wrapped, cfg, train_loader, out_dir, val_batches, meta, resume_dir, dist, log, on_eval,
+                    objective or NextToken())
     finally:
         unparallelize(raw)
 
@@ -320,7 +352,7 @@ def _resume_dir(ckpt_root: Path, meta: dict) -> Path:
 
 def _run(raw: nn.Module, wrapped: nn.Module, cfg: TrainConfig, train_loader, out_dir: Path,
          val_batches: Callable[[], Iterable[dict]] | None, meta: dict, resume_dir: Path | None, dist: DistInfo,
-         log: Callable[[str], None], on_eval: Callable[[nn.Module, int], list[dict]] | None) -> dict:
+         log: Callable[[str], None], on_eval: Callable[[nn.Module, int], list[dict]] | None, objective) -> dict:
     """The loop of train(): `wrapped` is what parallelize returned for `raw`."""
     device, is_main = dist.device, dist.is_main
     ckpt_root = out_dir / "ckpt"
@@ -356,11 +388,11 @@ def _run(raw: nn.Module, wrapped: nn.Module, cfg: TrainConfig, train_loader, out
     def run_eval() -> float | None:
         if val_batches is None:
             return None
-        v = val_loss(wrapped, val_batches(), device)
+        v, extra = objective.validate(wrapped, val_batches(), device)
         st.record_val(v)
         tl = st.train_loss
         write({"kind": "val", "step": st.step, "val_loss": v, "train_loss": tl,
-               "gap": v - tl if tl is not None else None})
+               "gap": v - tl if tl is not None else None, **extra})
         samples(st.step)
         if st.overfitting():
             vh = st.val_hist
@@ -404,8 +436,9 @@ def _run(raw: nn.Module, wrapped: nn.Module, cfg: TrainConfig, train_loader, out
                 raise UserError(f"the training data holds token id {top} but model.vocab_size is "
                                 f"{raw.cfg.vocab_size}; set model.vocab_size=0 (taken from the tokenizer) or "
                                 f"re-encode the data with the model's tokenizer")
-            # Normalise by the target tokens of the whole step across ranks (DDP averages gradients: x world).
-            counts = torch.tensor([float(sum(int((b["y"] != IGNORE).sum()) for b in micro))], dtype=torch.float64)
+            # Normalise by the units (target tokens, pairs, ...) of the whole step across ranks (DDP averages
+            # gradients: x world).
+            counts = torch.tensor([float(sum(objective.count(b) for b in micro))], dtype=torch.float64)
             n_targets = float(all_reduce_sum(counts.to(device))[0])
             if n_targets == 0:
                 raise UserError("a training step has no target tokens (every label is masked); check the data")
@@ -416,7 +449,7 @@ def _run(raw: nn.Module, wrapped: nn.Module, cfg: TrainConfig, train_loader, out
                 # Skip DDP's gradient all-reduce on all but the last micro-batch.
                 sync = i == len(micro) - 1 or not hasattr(wrapped, "no_sync")
                 with (nullcontext() if sync else wrapped.no_sync()), autocast_ctx(device):
-                    s, _ = loss_sum(wrapped, b)
+                    s = objective.loss(wrapped, b)
                 (s * scale).backward()
                 total += s.detach().double()
             step_tokens = sum(b["x"].numel() for b in micro) * dist.world
@@ -470,7 +503,7 @@ def _run(raw: nn.Module, wrapped: nn.Module, cfg: TrainConfig, train_loader, out
                 mfu = flops_tok * tps / peak if peak else 0.0
                 st.train_loss = avg if st.log_loss_n else st.train_loss
                 write({"kind": "train", "step": step, "loss": avg, "lr": lr, "tokens": st.tokens,
-                       "tok_per_s": tps, "mfu": mfu, "time": st.seconds})
+                       "tok_per_s": tps, "mfu": mfu, "time": st.seconds, **objective.stats()})
                 bar.set_postfix(loss=f"{avg:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1%}")
                 if bar.disable and is_main and (step % max(cfg.log_every * 10, 1) == 0 or step == cfg.steps):
                     log(f"step {step}/{cfg.steps} loss {avg:.4f} lr {lr:.2e} tok/s {tps:,.0f} mfu {mfu:.1%}")

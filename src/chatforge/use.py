@@ -269,11 +269,12 @@ def evaluate_suite(cfg: Config, paths: RunPaths, suite: str = "core", stage: str
             loaded[task] = (name, spec, load_task(name, n_items, spec))
         except UserError as e:
             loaded[task] = str(e)
-            print(f"eval: skipping {task}: {e}", file=sys.stderr)
-    if all(isinstance(v, str) for v in loaded.values()):
-        first = next(iter(loaded.values()))
-        raise UserError(f"suite '{suite}': none of its {len(names)} tasks could be loaded; {first}"
+    skipped = [t for t, v in loaded.items() if isinstance(v, str)]
+    if len(skipped) == len(names):
+        raise UserError(f"suite '{suite}': none of its {len(names)} tasks could be loaded; {loaded[names[0]]}"
                         + (f" (and likewise for {', '.join(names[1:])})" if len(names) > 1 else ""))
+    for t in skipped:
+        print(f"eval: skipping {t}: {loaded[t]}", file=sys.stderr)
     whiches = sorted(p.name for p in (d / "ckpt").glob("step_*") if p.is_dir()) if all_checkpoints else [which]
     stage_name = next(s for s, attr in STAGE_DIRS.items() if getattr(paths, attr) == d)
     device = pick_device(cfg.generate.device)

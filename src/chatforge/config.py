@@ -118,6 +118,7 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept besides best
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | mps
+    precision: str = "auto"  # auto (bf16 autocast where the GPU/CPU has bf16 units that measure faster) | fp32 | bf16
     compile: str = "auto"  # auto (on for CUDA; on CPU for long single-process runs, see distributed.use_compile) | on | off
     activation_checkpointing: bool = False
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run stops

@@ -83,11 +83,12 @@ def all_gather(obj) -> list:
     return out
 
 
-def autocast_ctx(device: torch.device | str):
-    """bf16 autocast on CUDA (weights stay fp32); nothing elsewhere (CPU/MPS bf16 autocast is slower or flaky)."""
+def autocast_ctx(device: torch.device | str, precision: str = "fp32"):
+    """bf16 autocast when precision is "bf16" (machine.choose_precision decides; weights and optimizer state
+    stay fp32, losses and softmax are computed in fp32); nothing for fp32."""
     dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16" and dev.type in ("cuda", "cpu"):
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

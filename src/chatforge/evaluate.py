@@ -138,12 +138,13 @@ def _as_tensor_bytes(token_bytes) -> torch.Tensor | None:
 
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, batches: Iterable[dict], *, device: str | torch.device | None = None,
-                token_bytes: np.ndarray | None = None, accuracy: bool = True, progress: bool = False) -> dict:
+                token_bytes: np.ndarray | None = None, accuracy: bool = True, progress: bool = False,
+                precision: str = "fp32") -> dict:
     """Score next-token prediction on batches of dict(x=(B,T) ids, y=(B,T) targets, -100 = ignored): the one
     evaluation of the package, for training's periodic validation and for the eval stage.
 
     Runs on `device` (a torch.device or a name such as "auto"; default: where the model's weights are; the
-    model is moved there) under the training autocast (bf16 on CUDA; logits are scored in fp32). Under a process group each rank scores its own batches and every rank gets
+    model is moved there), with bf16 autocast when precision="bf16" (logits are scored in fp32). Under a process group each rank scores its own batches and every rank gets
     the metrics of all of them. `model` may be wrapped (DDP, compiled blocks).
 
     Returns loss (mean NLL in nats per target token), ppl = exp(loss), with accuracy=True acc (top-1) and
@@ -162,7 +163,7 @@ def evaluate_lm(model: nn.Module, batches: Iterable[dict], *, device: str | torc
     model.eval()
     acc = _Accumulator(accuracy, _as_tensor_bytes(token_bytes))
     try:
-        with autocast_ctx(device):
+        with autocast_ctx(device, precision):
             for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 logits, keep, _ = forward_at_targets(model, batch)

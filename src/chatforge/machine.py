@@ -100,3 +100,35 @@ def cpu_peak_flops(dtype_name: str = "float32") -> float:
 def bf16_speedup() -> float:
     """bf16 matmul peak / fp32 matmul peak on this CPU (> 1 where it has bf16 units that pay: AMX, avx512_bf16)."""
     return cpu_peak_flops("bfloat16") / cpu_peak_flops("float32")
+
+
+BF16_MIN_SPEEDUP = 1.3  # bf16 autocast casts and keeps fp32 master weights: below this the casts eat the gain
+
+
+def choose_precision(device, requested: str = "auto") -> tuple[str, str]:
+    """("bf16" | "fp32", the reason, for the log). auto: bf16 autocast on CUDA GPUs with bf16, and on CPUs whose
+    bf16 matmul measures at least BF16_MIN_SPEEDUP x fp32 here (AMX, avx512_bf16); fp32 elsewhere."""
+    import torch
+    req = (requested or "auto").lower()
+    if req in ("fp32", "float32"):
+        return "fp32", "fp32 (asked for)"
+    if req in ("bf16", "bfloat16"):
+        return "bf16", "bf16 autocast (asked for)"
+    if req != "auto":
+        from .errors import UserError
+        raise UserError(f"precision {requested!r} is not known; use auto, fp32 or bf16")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ("bf16", "bf16 autocast: CUDA GPU with bf16") if ok else ("fp32", "fp32: this GPU has no bf16")
+    if dev.type != "cpu":
+        return "fp32", f"fp32 on {dev.type}"
+    name, flags = cpu()
+    units = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    if not units:
+        return "fp32", "fp32: the CPU has no bf16 units (no AMX or avx512_bf16)"
+    speed = bf16_speedup()
+    what = "AMX" if "amx_bf16" in units else "avx512_bf16"
+    if speed >= BF16_MIN_SPEEDUP:
+        return "bf16", f"bf16 autocast: {what} present, matmul {speed:.1f}x fp32"
+    return "fp32", f"fp32: {what} present but bf16 matmul only {speed:.2f}x fp32 here"

@@ -52,14 +52,16 @@ def train_flops_per_token(model: nn.Module) -> float:
     return model.flops_per_token() - 2 * frozen
 
 
-def peak_flops(device: torch.device) -> float:
+def peak_flops(device: torch.device, precision: str = "fp32") -> float:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in PEAK_FLOPS.items():
             if key in name:
                 return flops
         return 100e12
-    return MPS_PEAK_FLOPS if device.type == "mps" else cpu_peak_flops()
+    if device.type == "mps":
+        return MPS_PEAK_FLOPS
+    return machine.cpu_peak_flops("bfloat16" if precision == "bf16" else "float32")
 
 
 def cpu_peak_flops() -> float:
@@ -102,10 +104,10 @@ def loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     return loss, n
 
 
-def val_loss(model: nn.Module, batches: Iterable[dict], device: torch.device) -> float:
+def val_loss(model: nn.Module, batches: Iterable[dict], device: torch.device, precision: str = "fp32") -> float:
     """Mean loss per target token over the batches of every rank (evaluate_lm's); NaN when there are none."""
     try:
-        return evaluate_lm(model, batches, device=device, accuracy=False)["loss"]
+        return evaluate_lm(model, batches, device=device, accuracy=False, precision=precision)["loss"]
     except EmptyEvalError:
         return float("nan")
 
@@ -122,8 +124,10 @@ class NextToken:
     def count(self, batch: dict) -> float:
         return float((batch["y"] != IGNORE).sum())
 
+    precision = "fp32"  # set by the loop to the run's precision
+
     def validate(self, model: nn.Module, batches: Iterable[dict], device: torch.device) -> tuple[float, dict]:
-        return val_loss(model, batches, device), {}
+        return val_loss(model, batches, device, self.precision), {}
 
     def stats(self) -> dict:
         return {}
@@ -153,6 +157,7 @@ class LoopState:
     skipped: int = 0  # steps whose loss was NaN/Inf
     bad_in_row: int = 0
     log_loss_sum: float = 0.0  # since the last train record
+    precision: str = ""  # "fp32" | "bf16", decided once per run (a resume keeps it: bit-exact continuation)
     log_loss_n: int = 0
     log_tokens: int = 0
     log_seconds: float = 0.0
@@ -367,6 +372,13 @@ def _run(raw: nn.Module, wrapped: nn.Module, cfg: TrainConfig, train_loader, out
     if resume_dir is not None:
         st = LoopState.from_dict(ckpt.load_training_state(resume_dir, wrapped, optimizer, scheduler, train_loader))
         log(f"resumed from {resume_dir} at step {st.step}")
+    if st.precision:
+        precision, why = st.precision, f"{st.precision} (as the run being resumed)"
+    else:
+        precision, why = machine.choose_precision(device, getattr(cfg, "precision", "auto"))
+    st.precision = objective.precision = precision
+    if is_main:
+        log(f"precision: {why}")
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume_dir is not None:
@@ -382,7 +394,7 @@ def _run(raw: nn.Module, wrapped: nn.Module, cfg: TrainConfig, train_loader, out
                 f.write(json.dumps(rec) + "\n")
             trackers.record(rec)
 
-    peak = peak_flops(device) * dist.world
+    peak = peak_flops(device, precision) * dist.world
     params = [p for p in raw.parameters() if p.requires_grad]
 
     def run_eval() -> float | None:
@@ -448,7 +460,7 @@ def _run(raw: nn.Module, wrapped: nn.Module, cfg: TrainConfig, train_loader, out
                 b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
                 # Skip DDP's gradient all-reduce on all but the last micro-batch.
                 sync = i == len(micro) - 1 or not hasattr(wrapped, "no_sync")
-                with (nullcontext() if sync else wrapped.no_sync()), autocast_ctx(device):
+                with (nullcontext() if sync else wrapped.no_sync()), autocast_ctx(device, precision):
                     s = objective.loss(wrapped, b)
                 (s * scale).backward()
                 total += s.detach().double()

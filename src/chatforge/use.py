@@ -11,6 +11,7 @@ from pathlib import Path
 from .config import Config
 from .distributed import pick_device
 from .errors import UserError
+from .machine import choose_precision
 from .paths import RunPaths
 
 STAGE_DIRS = {"finetune": "finetune", "pretrain": "pretrain", "import": "imported"}
@@ -66,6 +67,7 @@ def evaluate_splits(model, tok, paths: RunPaths, cfg: Config) -> dict:
     seq_len = model.cfg.seq_len
     token_bytes = np.asarray(tok.token_bytes_lengths())
     device = pick_device(cfg.generate.device)
+    precision = choose_precision(device, cfg.train.precision)[0]
     model.to(device)
     out = {}
     sft_val = paths.data / "sft_val.jsonl"
@@ -76,11 +78,11 @@ def evaluate_splits(model, tok, paths: RunPaths, cfg: Config) -> dict:
         val = token_arrays(paths.tokens / "val", tok)
         out["text val"] = evaluate_lm(model, iter_eval_batches(val, cfg.eval.batch_size, seq_len,
                                                                max_batches=cfg.eval.max_batches),
-                                      token_bytes=token_bytes, device=device)
+                                      token_bytes=token_bytes, device=device, precision=precision)
     if sft_val.exists():
         ex, _ = sft_examples(tok, sft_val, seq_len)
         out["chat val"] = evaluate_lm(model, iter_sft_eval_batches(ex, cfg.eval.batch_size, seq_len, pad_id=tok.pad_id),
-                                      token_bytes=token_bytes, device=device)
+                                      token_bytes=token_bytes, device=device, precision=precision)
     return out
 
 

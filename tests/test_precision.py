@@ -1,0 +1,73 @@
+"""Precision chosen by measurement: bf16 autocast where the CPU/GPU has bf16 units that measure faster, fp32
+elsewhere; explicit settings win; quality holds; resume stays bit-exact within a precision; weights stay fp32."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chatforge import machine
+from chatforge.config import TrainConfig
+from chatforge.data.loader import TokenLoader, iter_eval_batches
+from chatforge.errors import UserError
+from chatforge.train import train
+from test_train import byte_corpus, metrics, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU = torch.device("cpu")
+
+
+def test_auto_follows_the_cpu_flags_and_the_measured_speed(monkeypatch):
+    assert machine.choose_precision(CPU, "fp32")[0] == "fp32" and machine.choose_precision(CPU, "bf16")[0] == "bf16"
+    with pytest.raises(UserError, match="precision 'fp16' is not known"):
+        machine.choose_precision(CPU, "fp16")
+    monkeypatch.setattr(machine, "cpu", lambda: ("Some CPU", ["avx2", "fma"]))
+    assert machine.choose_precision(CPU, "auto") == ("fp32", "fp32: the CPU has no bf16 units (no AMX or avx512_bf16)")
+    monkeypatch.setattr(machine, "cpu", lambda: ("Xeon", ["avx512_bf16", "amx_bf16", "amx_tile"]))
+    monkeypatch.setattr(machine, "bf16_speedup", lambda: 3.8)
+    assert machine.choose_precision(CPU, "auto") == ("bf16", "bf16 autocast: AMX present, matmul 3.8x fp32")
+    monkeypatch.setattr(machine, "bf16_speedup", lambda: 0.33)  # units, but slower than fp32 here
+    assert machine.choose_precision(CPU, "auto")[0] == "fp32"
+
+
+def _run(tmp_path, precision: str, steps: int = 40, **kw):
+    tr, va = byte_corpus()
+    cfg = TrainConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=0, log_every=5,
+                      eval_batches=4, precision=precision, **kw)
+    logs = []
+    res = train(tiny(), cfg, TokenLoader([tr], 8, 32), tmp_path, meta={}, log=logs.append,
+                val_batches=lambda: iter_eval_batches([va], 8, 32, max_batches=4))
+    return res, logs
+
+
+def test_bf16_autocast_reaches_the_fp32_loss_and_keeps_fp32_weights(tmp_path):
+    fp32, logs32 = _run(tmp_path / "fp32", "fp32")
+    bf16, logs16 = _run(tmp_path / "bf16", "bf16")
+    assert "precision: fp32 (asked for)" in logs32 and "precision: bf16 autocast (asked for)" in logs16
+    first = metrics(tmp_path / "bf16")[0]["loss"]
+    assert bf16["final_val_loss"] < first - 1.0  # it learned
+    assert bf16["final_val_loss"] == pytest.approx(fp32["final_val_loss"], abs=0.05)  # within noise of fp32
+    ckpt = next((tmp_path / "bf16" / "ckpt").glob("step_*"))
+    assert {t.dtype for t in load_file(str(ckpt / "model.safetensors")).values()} == {torch.float32}
+
+
+def test_bf16_resume_is_bit_exact(tmp_path):
+    _run(tmp_path / "full", "bf16", steps=8, ckpt_every=4, keep_last=5)
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    shutil.rmtree(part / "ckpt" / "step_000008")
+    for link in (part / "ckpt").iterdir():  # "best"/"last" pointers, if any, must not name the removed step
+        if link.is_symlink():
+            link.unlink()
+    tr, va = byte_corpus()
+    cfg = TrainConfig(steps=8, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=0, log_every=5, eval_batches=4,
+                      precision="fp32", ckpt_every=4, keep_last=5)  # asks for fp32: the run's bf16 is kept
+    logs = []
+    train(tiny(), cfg, TokenLoader([tr], 8, 32), part, meta={}, log=logs.append, resume=True,
+          val_batches=lambda: iter_eval_batches([va], 8, 32, max_batches=4))
+    assert "precision: bf16 (as the run being resumed)" in logs
+    a = load_file(str(tmp_path / "full" / "ckpt" / "step_000008" / "model.safetensors"))
+    b = load_file(str(part / "ckpt" / "step_000008" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

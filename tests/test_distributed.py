@@ -32,7 +32,8 @@ CHILD = textwrap.dedent('''
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, seq_len=32, vocab_size=256))
     cfg = TrainConfig(steps=6, batch_size=global_batch // dist.world, lr=3e-3, warmup_steps=2, eval_every=3,
                       ckpt_every=3, log_every=1, seed=1, grad_clip=clip,
-                      optimizer="adamw" if clip else "sgd")  # SGD: AdamW would hide a wrong gradient scale
+                      optimizer="adamw" if clip else "sgd",  # SGD: AdamW would hide a wrong gradient scale
+                      precision="fp32")  # the gradient arithmetic is what is compared, to 1e-5
     loader = TokenLoader([data[:30000]], cfg.batch_size, 32, rank=dist.rank, world=dist.world, seed=3)
     # every rank evaluates the same windows; the token-weighted sum across ranks keeps the same mean
     val = lambda: iter_eval_batches([data[30000:34000]], 8, 32, max_batches=4)

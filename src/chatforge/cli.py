@@ -16,7 +16,8 @@ STAGES = {
     "encode": "encode the prepared splits into memory-mapped token shards",
     "pretrain": "train the GPT to predict the next token",
     "eval": "validation loss, perplexity, bits/byte, accuracy; benchmarks",
-    "finetune": "chat SFT (loss on assistant tokens only) or continued pretraining (--mode cpt), full or LoRA",
+    "finetune": "chat SFT (loss on assistant tokens only), continued pretraining (--mode cpt), preference pairs "
+                "(--mode dpo) or RL with verifiable rewards (--mode grpo); full or LoRA",
     "generate": "sample a continuation of a prompt",
     "chat": "chat with the model in the terminal",
     "serve": "OpenAI-compatible API and web chat page",
@@ -27,6 +28,7 @@ STAGES = {
     "report": "write report.md / report.html for a run",
     "compare": "overlay the loss curves of two runs in one PNG",
     "demo": "run every stage in order on the embedded default corpus",
+    "improve": "find what the model gets wrong on a task and learn from it with DPO, round after round",
 }
 
 EPILOG = """config overrides: positional key.sub=value pairs, e.g.  train.steps=200 model.n_layer=2
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="chat JSONL files to fine-tune on (replaces the run's prepared chat set)")
     subs["finetune"].add_argument("--init", help="checkpoint dir or HF model dir to start from (default: the run's pretrain best)")
     subs["finetune"].add_argument("--mode", default=None,
-                                  help="sft: chat data; cpt: continued pretraining on domain text (--input files)")
+                                  help="sft: chat data; cpt: continued pretraining on domain text (--input files); "
+                                       "dpo: preference pairs (--input pairs.jsonl); grpo: RL on finetune.grpo.task")
     subs["finetune"].add_argument("--lora-rank", type=int, default=None, help="train a LoRA adapter of this rank (0 = full)")
     subs["finetune"].add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x rank)")
     subs["finetune"].add_argument("--lora-dropout", type=float, default=None)
@@ -123,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     subs["embeddings"].add_argument("--near", help="word or token to find neighbours of")
     subs["embeddings"].add_argument("--plot", help="write a 2-D projection of frequent tokens to this PNG")
     subs["embeddings"].add_argument("-k", type=int, default=10)
+    subs["improve"].add_argument("--task", required=True,
+                                 help="chat (the run's chat set, ROUGE-L), gsm8k (exact match) or FILE.py:FUNCTION "
+                                      "(FUNCTION(prompt, completion, **item) -> score)")
+    subs["improve"].add_argument("--rounds", type=int, default=2, help="evaluate -> DPO -> re-evaluate rounds (default 2)")
+    subs["improve"].add_argument("--data", default=None,
+                                 help="the task's items: GSM8K JSONL, chat JSONL, or {\"prompt\", ...} JSONL for FILE.py tasks")
+    subs["improve"].add_argument("--max-items", type=int, default=64, help="training items scored per round (0 = all)")
+    subs["improve"].add_argument("--heldout-items", type=int, default=32, help="held-out items scored (0 = all)")
+    subs["improve"].add_argument("--threshold", type=float, default=None,
+                                 help="a reply scoring below this is wrong (default 0.5)")
+    subs["improve"].add_argument("--samples", type=int, default=0,
+                                 help="sampled replies per wrong item to find a correct one when an item has no reference")
     parser.subcommands = subs
     return parser
 
@@ -253,6 +268,9 @@ COMMANDS = {
     "report": lambda cfg, paths, a, x: print(f"report: {_demo().report(cfg, paths)}"),
     "compare": _compare,
     "demo": lambda cfg, paths, a, x: _demo().demo(cfg, paths, a.force),
+    "improve": lambda cfg, paths, a, x: __import__("chatforge.improve", fromlist=["improve"]).improve(
+        cfg, paths, a.task, a.rounds, data=a.data, max_items=a.max_items, heldout_items=a.heldout_items,
+        threshold=a.threshold, samples=a.samples, force=a.force),
 }
 
 

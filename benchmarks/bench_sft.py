@@ -82,7 +82,7 @@ def main() -> None:
     tok = Tokenizer.load(paths.tokenizer)
     model, _ = load_model(resolve_checkpoint(paths.finetune / "ckpt", "best"))
     items = gsm8k_val_items(paths.data / "sft_val.jsonl", gsm)
-    g = score_gsm8k(Engine(model, tok), tok, items, max_new_tokens=cfg.model.seq_len, max_items=a.gsm8k_items)
+    g = score_gsm8k(Engine(model, tok), tok, items, max_new_tokens=cfg.model.seq_len, max_items=a.gsm8k_items, chat=True)
     t_gsm = time.time() - t2
 
     b, f = ev["before"], ev["after"]

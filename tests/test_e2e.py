@@ -10,7 +10,7 @@ from chatforge.checkpoint import load_model, resolve_checkpoint
 from chatforge.data.loader import iter_eval_batches
 from chatforge.data.shards import open_shards
 from chatforge.engine import Engine
-from chatforge.evaluate import evaluate_lm, evaluate_text
+from chatforge.evaluate import evaluate_lm
 from chatforge.tokenizer import Tokenizer
 
 
@@ -120,13 +120,22 @@ def test_eval_cli_on_a_file_and_a_benchmark(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "doc.txt" in r.stdout
     rows = json.loads((tiny_run / "eval" / "pretrain_best_file.json").read_text())
-    # The same numbers as evaluating the pretrained checkpoint on the file directly: every token after the
-    # first scored once, with 64-token strides.
+    # The same numbers as scoring the file with the pretrained checkpoint here: windows of up to seq_len
+    # tokens moving 64 at a time, every token after the first scored once, with the most context it can have.
     tok = Tokenizer.load(tiny_run / "tokenizer")
     model, _ = load_model(resolve_checkpoint(tiny_run / "pretrain" / "ckpt", "best"))
-    want = evaluate_text(model, tok, [text.read_text()], model.cfg.seq_len, stride=64)
-    assert rows[0]["tokens"] == want["tokens"] == len(tok.encode(text.read_text())) - 1
-    assert math.isclose(rows[0]["loss"], want["loss"], rel_tol=1e-5), (rows[0]["loss"], want["loss"])
+    ids, seq_len = tok.encode(text.read_text()), model.cfg.seq_len
+    assert len(ids) > seq_len + 64  # several windows: the stride matters
+    nll, scored, start, done = 0.0, 0, 0, 1
+    while done < len(ids):
+        end = min(start + seq_len + 1, len(ids))
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids[start:end - 1]]))[0].double(), -1)
+        for t in range(done, end):
+            nll, scored = nll - logp[t - start - 1, ids[t]].item(), scored + 1
+        done, start = end, start + 64
+    assert rows[0]["tokens"] == scored == len(ids) - 1
+    assert math.isclose(rows[0]["loss"], nll / scored, rel_tol=1e-5), (rows[0]["loss"], nll / scored)
     mc = tmp_path / "mc.jsonl"
     mc.write_text("\n".join(json.dumps({"ctx": "def f(x):\n    return", "endings": [" x", " ))))((((", " ]]]]"],
                                         "label": 0}) for _ in range(3)) + "\n")

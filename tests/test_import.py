@@ -318,8 +318,15 @@ def test_no_network_for_a_named_model_is_one_line_and_the_demo_goes_on(tmp_path,
     assert main(["demo", "--config", "tiny", "--run-dir", str(run), "demo.pretrained=smollm2-135m",
                  "train.steps=20", "finetune.steps=4", "finetune.eval_prompts=2"]) == 0
     out = capsys.readouterr().out
-    assert "could not be downloaded" in out and (run / "report.md").is_file()
+    assert "could not be downloaded" in out
     assert not (run / "pretrained").exists() and not (run / "chat_model.json").exists()
+    # The from-scratch half ran and was reported: its evaluation rows, and no comparison with a pre-trained model.
+    md = (run / "report.md").read_text()
+    rows = json.loads((run / "eval" / "demo.json").read_text())
+    assert {r["model"] for r in rows} == {"base", "fine-tuned"}
+    for r in rows:
+        assert f"| {r['model']} | {r['split']} | {r['loss']:.4f} ± {r['loss_se']:.4f} |" in md, r
+    assert "From scratch vs pre-trained" not in md
 
 
 @pytest.mark.parametrize("seed,stops", [(0, True), (2, False)])  # seed 0's reply ends at <|im_end|>, 2's runs on
@@ -420,4 +427,10 @@ def test_unsupported_architecture_is_one_line_and_report_works_on_an_imported_ru
     write_tiny_gguf(gg, "F32")
     run = tmp_path / "run"
     assert main(["import", str(gg), "--run-dir", str(run)]) == 0
-    assert main(["report", str(run)]) == 0 and (run / "report.md").is_file()
+    assert main(["report", str(run)]) == 0
+    # The report describes the imported model: its shape as read from the GGUF file.
+    md = (run / "report.md").read_text()
+    model, tok, _ = read_gguf(gg)
+    for key in ("n_layer", "n_head", "n_embd", "vocab_size"):
+        assert f"| model.{key} | {getattr(model.cfg, key):,} |" in md, key
+    assert model.cfg.vocab_size == tok.vocab_size

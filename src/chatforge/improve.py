@@ -13,8 +13,8 @@ The next round starts from that model. RUN/improve/summary.json keeps every roun
 Tasks:
   chat              the run's own prepared chat set (e.g. the stdlib docstring Q&A): sft_train.jsonl items,
                     sft_val.jsonl held out; score = ROUGE-L F1 of the reply against the reference answer
-  gsm8k             GSM8K-format JSONL (--data FILE: question, answer ending "#### N"; default: the hub's test
-                    split if cached); score = 1 when the reply's "#### N" or last number matches (lm-eval's
+  gsm8k             GSM8K-format JSONL of training problems (--data FILE: question, answer ending "#### N";
+                    required: the registered gsm8k task is the test split); score = 1 when the reply's "#### N" or last number matches (lm-eval's
                     strict or flexible extraction), else 0
   FILE.py:FUNCTION  a user scorer FUNCTION(prompt, completion, **item) -> float over --data FILE.jsonl records
                     ({"prompt": str, optional "reference", ...}); wrong = below the threshold
@@ -75,8 +75,10 @@ def load_task(task: str, paths, data: str | None, heldout: float):
         return "chat (ROUGE-L)", train, val, lambda reply, it: rouge_l(reply, it["reference"]), 0.5
     if task == "gsm8k":
         from .tasks import gsm8k_match, load_items
-        from .tasks import load_task as load_bench
-        recs = load_items(data, "gsm8k") if data else load_bench("gsm8k")
+        if not data:  # the registered gsm8k task is the test split: a benchmark, never training data
+            raise UserError("--task gsm8k needs --data FILE: GSM8K-format JSONL of training problems (question, "
+                            "answer ending '#### N'), e.g. GSM8K's train split")
+        recs = load_items(data, "gsm8k")
         items = [{"messages": [{"role": "user", "content": r["question"]}], "reference": r["answer"],
                   "answer": r["answer"]} for r in recs]
         train, val = _split(items, heldout)

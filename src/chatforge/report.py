@@ -19,8 +19,7 @@ from matplotlib.ticker import ScalarFormatter
 
 # Metric columns of the eval table; each shows "value ± se" when the row has "<name>_se".
 EVAL_COLUMNS = ["model", "split", "loss", "ppl", "acc", "top5", "bpb", "tokens"]
-BENCH_COLUMNS = ["model", "task", "acc", "acc_norm", "exact_match", "random_baseline", "n"]
-
+BENCH_COLUMNS = ["model", "task", "metric", "score", "centered", "acc", "acc_norm", "exact_match", "random_baseline", "n"]
 
 
 def plot_stage(stage_dir: Path) -> None:

@@ -289,7 +289,8 @@ def evaluate_suite(cfg: Config, paths: RunPaths, suite: str = "core", stage: str
         rows += part + ([{"model": label, **core}] if core else [])
         if core:
             cores.append(f"{label} core {core['score']:.4f} (mean centred score of {core['tasks']} of {len(names)} tasks)")
-    print_table(rows, ["model", "task", "metric", "score", "random_baseline", "centered", "n", "skipped"],
+    shown = [{**r, "skipped": "yes (why: above)"} if "skipped" in r else r for r in rows]  # reasons are long
+    print_table(shown, ["model", "task", "metric", "score", "random_baseline", "centered", "n", "skipped"],
                 title=f"eval --suite {suite}: {paths.root} (first {n_items or 'all'} items per task)")
     for line in cores:
         print(line)

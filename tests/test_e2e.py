@@ -79,7 +79,8 @@ def test_checkpoint_reloads_to_the_logged_validation_loss(tiny_run):
     assert meta["tokenizer_hash"] == tok.hash
     val = [s.tokens for s in open_shards(tiny_run / "tokens" / "val", tok_hash=tok.hash)]
     batches = iter_eval_batches(val, cfg.eval.batch_size, cfg.model.seq_len, max_batches=cfg.train.eval_batches)
-    got = evaluate_lm(model, batches)["loss"]
+    assert meta["precision"] in ("fp32", "bf16")
+    got = evaluate_lm(model, batches, precision=meta["precision"])["loss"]  # as the loop measured it
     logged = [m for m in _metrics(tiny_run / "pretrain" / "metrics.jsonl") if m["kind"] == "val"][-1]["val_loss"]
     assert math.isclose(got, logged, rel_tol=1e-5), (got, logged)
     # (A checkpoint compared with itself loaded twice proves nothing; the logged loss above is the check.)

@@ -31,7 +31,8 @@ TINY = ["tokenizer.vocab_size=400", "model.n_layer=2", "model.n_head=2", "model.
         "train.lr=0.01", "train.device=cpu", "train.compile=off",
         "finetune.steps=40", "finetune.batch_size=8", "finetune.eval_every=20", "finetune.eval_batches=2",
         "finetune.warmup_steps=2", "finetune.lr=0.01", "finetune.device=cpu", "finetune.compile=off",
-        "eval.max_batches=2", "generate.max_new_tokens=16"]
+        "eval.max_batches=2", "generate.max_new_tokens=16",
+        "train.precision=fp32", "finetune.precision=fp32"]  # thresholds below were set in fp32
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

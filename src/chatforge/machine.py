@@ -105,9 +105,31 @@ def bf16_speedup() -> float:
 BF16_MIN_SPEEDUP = 1.3  # bf16 autocast casts and keeps fp32 master weights: below this the casts eat the gain
 
 
-def choose_precision(device, requested: str = "auto") -> tuple[str, str]:
+@functools.lru_cache(maxsize=None)
+def bf16_speedup_at(width: int) -> float:
+    """fp32 time / bf16 time of a matmul shaped like a training step of a model this wide ((4096 x width) @
+    (width x 4 width), the bf16 casts autocast adds included): small models gain less than the peak ratio says,
+    or lose."""
+    import torch
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4096, width, generator=g), torch.randn(4 * width, width, generator=g)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+    return best(lambda: F.linear(x, w)) / best(lambda: F.linear(x.bfloat16(), w.bfloat16()))
+
+
+def choose_precision(device, requested: str = "auto", width: int = 0) -> tuple[str, str]:
     """("bf16" | "fp32", the reason, for the log). auto: bf16 autocast on CUDA GPUs with bf16, and on CPUs whose
-    bf16 matmul measures at least BF16_MIN_SPEEDUP x fp32 here (AMX, avx512_bf16); fp32 elsewhere."""
+    bf16 units (AMX, avx512_bf16) make a matmul at least BF16_MIN_SPEEDUP x faster than fp32 here: one shaped
+    like this model's (`width` = n_embd), else the peak matmul; fp32 elsewhere."""
     import torch
     req = (requested or "auto").lower()
     if req in ("fp32", "float32"):
@@ -127,8 +149,9 @@ def choose_precision(device, requested: str = "auto") -> tuple[str, str]:
     units = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
     if not units:
         return "fp32", "fp32: the CPU has no bf16 units (no AMX or avx512_bf16)"
-    speed = bf16_speedup()
+    speed = bf16_speedup_at(width) if width else bf16_speedup()
     what = "AMX" if "amx_bf16" in units else "avx512_bf16"
+    mm = f"this model's matmuls (width {width})" if width else "matmul"
     if speed >= BF16_MIN_SPEEDUP:
-        return "bf16", f"bf16 autocast: {what} present, matmul {speed:.1f}x fp32"
-    return "fp32", f"fp32: {what} present but bf16 matmul only {speed:.2f}x fp32 here"
+        return "bf16", f"bf16 autocast: {what} present, {mm} {speed:.1f}x fp32"
+    return "fp32", f"fp32: {what} present but bf16 {mm} only {speed:.2f}x fp32 here"

@@ -375,8 +375,8 @@ def _run(raw: nn.Module, wrapped: nn.Module, cfg: TrainConfig, train_loader, out
     if st.precision:
         precision, why = st.precision, f"{st.precision} (as the run being resumed)"
     else:
-        precision, why = machine.choose_precision(device, getattr(cfg, "precision", "auto"))
-    st.precision = objective.precision = precision
+        precision, why = machine.choose_precision(device, getattr(cfg, "precision", "auto"), raw.cfg.n_embd)
+    st.precision = objective.precision = meta["precision"] = precision  # meta: in every checkpoint's meta.json
     if is_main:
         log(f"precision: {why}")
     if is_main:

@@ -67,7 +67,7 @@ def evaluate_splits(model, tok, paths: RunPaths, cfg: Config) -> dict:
     seq_len = model.cfg.seq_len
     token_bytes = np.asarray(tok.token_bytes_lengths())
     device = pick_device(cfg.generate.device)
-    precision = choose_precision(device, cfg.train.precision)[0]
+    precision = choose_precision(device, cfg.train.precision, model.cfg.n_embd)[0]
     model.to(device)
     out = {}
     sft_val = paths.data / "sft_val.jsonl"

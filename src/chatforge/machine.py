@@ -109,21 +109,24 @@ BF16_MIN_SPEEDUP = 1.3  # bf16 autocast casts and keeps fp32 master weights: bel
 def bf16_speedup_at(width: int) -> float:
     """fp32 time / bf16 time of a matmul shaped like a training step of a model this wide ((4096 x width) @
     (width x 4 width), the bf16 casts autocast adds included): small models gain less than the peak ratio says,
-    or lose."""
+    or lose. Each side's best rate ever measured here is kept (as the peaks are), so a probe run on a busy
+    machine does not flip the choice from one run to the next."""
     import torch
     import torch.nn.functional as F
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(4096, width, generator=g), torch.randn(4 * width, width, generator=g)
 
-    def best(fn) -> float:
+    def rate(fn) -> float:
         fn()
-        times = []
+        best = float("inf")
         for _ in range(5):
             t = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-    return best(lambda: F.linear(x, w)) / best(lambda: F.linear(x.bfloat16(), w.bfloat16()))
+            best = min(best, time.perf_counter() - t)
+        return 1.0 / best
+    fp32 = _best_seen(f"linear{width} fp32", rate(lambda: F.linear(x, w)))
+    bf16 = _best_seen(f"linear{width} bf16", rate(lambda: F.linear(x.bfloat16(), w.bfloat16())))
+    return bf16 / fp32
 
 
 def choose_precision(device, requested: str = "auto", width: int = 0) -> tuple[str, str]:

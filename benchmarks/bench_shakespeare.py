@@ -64,13 +64,14 @@ def main() -> None:
     model = GPT(cfg.model)
     print(f"vocab {len(chars)}, train {len(tr):,} / val {len(va):,} chars, model {model.num_params() / 1e6:.2f}M "
           f"params, {cfg.train.steps} steps x {cfg.train.batch_size * cfg.train.grad_accum} x {T} tokens, "
-          f"optimizer {cfg.train.optimizer} lr {cfg.train.lr}")
+          f"optimizer {cfg.train.optimizer} lr {cfg.train.lr}", flush=True)
     val_set = random_val_batches(va, T, n=cfg.train.eval_batches)
     out = args.out or Path(tempfile.mkdtemp(prefix="shakespeare-"))
     t0 = time.perf_counter()
+    print("train start", flush=True)  # bench_nanogpt.py times the process from outside against this line
     res = train(model, cfg.train, TokenLoader([tr], cfg.train.batch_size, T, seed=cfg.train.seed), out,
                 val_batches=lambda: val_set, meta={"stage": "pretrain", "bench": "shakespeare-char"},
-                log=lambda m: None)
+                log=lambda m: print(f"[{time.perf_counter() - t0:6.1f} s] {m}", flush=True))
     wall = time.perf_counter() - t0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in recs if r["kind"] == "val"]

@@ -44,12 +44,25 @@ def _cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "chatforge" / "cpu_peak.json"
 
 
+def _key(kind: str) -> str:
+    import torch
+    name, flags = cpu()
+    return f"{platform.machine()} {name} [{' '.join(flags)}] threads={torch.get_num_threads()} {kind}"
+
+
+def seen(kind: str) -> float:
+    """The best rate measured here before for `kind` (0 when never): for decisions that need no fresh probe."""
+    try:
+        data = json.loads(_cache_path().read_text())
+        return float(data.get(_key(kind), 0.0) or 0.0) if isinstance(data, dict) else 0.0
+    except (OSError, ValueError, TypeError):
+        return 0.0
+
+
 def _best_seen(kind: str, measured: float) -> float:
     """The best rate ever measured here for `kind`, kept in ~/.cache/chatforge: a probe run on a busy machine
     then does not take a low peak (and print an MFU that is too high, or pick the wrong precision)."""
-    import torch
-    name, flags = cpu()
-    key = f"{platform.machine()} {name} [{' '.join(flags)}] threads={torch.get_num_threads()} {kind}"
+    key = _key(kind)
     path = _cache_path()
     try:
         seen = json.loads(path.read_text())

@@ -48,12 +48,15 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
 
 
 def bf16_orthogonalisation_pays(device: torch.device) -> bool:
-    """torch.optim.Muon's bf16 Newton-Schulz pays on GPUs and on CPUs whose bf16 matmul beats fp32 (measured
-    once per machine, see machine.bf16_speedup); on a CPU without bf16 units it is ~100x slower than fp32."""
+    """torch.optim.Muon's bf16 Newton-Schulz pays on GPUs and on CPUs whose bf16 matmul beats fp32 (the peaks
+    cached by machine.py, measured once when missing); on a CPU without bf16 units it is ~100x slower."""
     if device.type != "cpu":
         return True
-    from .machine import bf16_speedup
-    return bf16_speedup() > 1.0
+    from . import machine
+    if "avx512_bf16" not in machine.cpu()[1] and "amx_bf16" not in machine.cpu()[1]:
+        return False
+    fp32, bf16 = machine.seen("fp32"), machine.seen("bf16")
+    return bf16 > fp32 if fp32 and bf16 else machine.bf16_speedup() > 1.0
 
 
 class Muon(torch.optim.Optimizer):

@@ -81,7 +81,7 @@ def test_a_closed_stream_frees_its_row(engine, tok):
     s.close()  # the reader went away (a client disconnected)
     rest = b.submit(prompts(tok)[3], max_new_tokens=5, temperature=0)
     assert "".join(rest) == alone(engine, dict(prompt_ids=prompts(tok)[3], max_new_tokens=5, temperature=0))[0]
-    deadline = time.time() + 10
+    deadline = time.time() + 30
     while b.rows and time.time() < deadline:
         time.sleep(0.01)
     assert b.rows == []
@@ -104,7 +104,7 @@ def test_async_streams_match_and_free_their_rows(engine, tok):
         s = b.submit_async(prompts(tok)[4], max_new_tokens=200, temperature=0)
         await s.__anext__()
         await s.aclose()
-        for _ in range(1000):  # the loop keeps running: the row must go because its reader went
+        for _ in range(3000):  # the loop keeps running: the row must go because its reader went
             if not b.rows:
                 break
             await asyncio.sleep(0.01)
@@ -113,7 +113,9 @@ def test_async_streams_match_and_free_their_rows(engine, tok):
     got, rows_left, row_steps = asyncio.run(main())
     assert got == [alone(engine, j) for j in jobs]
     assert rows_left == 0
-    assert row_steps < 4 * 12 + 30  # it stopped long before its 200 tokens (or the context's end)
+    # It stopped well before its 200 tokens (a row that ran on would count 4 * 12 + 200); how many steps it
+    # took before the batcher saw the reader go depends on the machine's load, hence the slack.
+    assert row_steps < 4 * 12 + 120
 
 
 def test_lora_wrapped_model_batches_through_its_adapters(tok):

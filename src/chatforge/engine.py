@@ -54,6 +54,7 @@ class Engine:
                 raise UserError(f"weights='int4' is not available here: {why}")
         self.weights = weights
         self._decode: tuple[tuple[int, ...], DecodeWeights | None] | None = None  # (parameter versions, weights)
+        self._version_key: tuple[int, ...] | None = None  # parameter versions at the last prefill
 
     @classmethod
     def from_run(cls, run_dir: Path, stage: str = "finetune", which: str = "best", device: str = "auto") -> "Engine":
@@ -87,7 +88,10 @@ class Engine:
         uncached path re-runs the whole sequence each step). Also brings decode_step's weight copies up to date
         with the model's parameters (an engine kept across training steps must not decode with stale copies).
         """
-        self._decode_weights(refresh=True)
+        key = tuple(p._version for p in self.model.parameters())
+        if self._decode is not None and self._decode[0] != key:
+            self._decode = None  # stale: rebuilt by the next single-row step, if one comes
+        self._version_key = key
         last = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         last[:, -1] = True  # the vocabulary projection only where we sample
         return self.model(ids, position_ids=positions, mask=mask, kv_cache=cache, logits_at=last)
@@ -100,21 +104,20 @@ class Engine:
         positions, mask: as GPT.forward's. greedy=True: the caller only takes the argmax, and the logits may be
         exact only near the maximum (a single row on a CPU with native bf16 reads a bf16 vocabulary projection).
         """
-        dw = self._decode_weights(refresh=False)
-        if dw is not None and tokens.shape[0] == 1 and mask is None:
+        dw = self._decode_weights() if tokens.shape[0] == 1 and mask is None else None
+        if dw is not None:
             at = cache.pos if isinstance(cache.pos, int) else cache.pos[0]
             pos = at if positions is None else int(positions.reshape(-1)[0])
             return decode_one(self.model, dw, int(tokens.reshape(-1)[0]), pos, cache, greedy=greedy)
         return self.model(tokens, position_ids=positions, mask=mask, kv_cache=cache)[:, -1]
 
-    def _decode_weights(self, refresh: bool) -> DecodeWeights | None:
-        """decode_one's weights, or None where it does not apply (not the CPU, not fp32, adapter layers).
-        Rebuilt when refresh is set and a parameter has changed since (the version counters tell)."""
-        if self._decode is not None and not refresh:
-            return self._decode[1]
-        key = tuple(p._version for p in self.model.parameters())
-        if self._decode is None or self._decode[0] != key:
+    def _decode_weights(self) -> DecodeWeights | None:
+        """decode_one's weights, or None where it does not apply (not the CPU, not fp32, adapter layers). Built on
+        the first single-row step, so batched decoding never pays for the copies; prefill drops them when a
+        parameter has changed since (the version counters tell)."""
+        if self._decode is None:
             m = self.model
+            key = self._version_key or tuple(p._version for p in m.parameters())
             ok = (self.device.type == "cpu" and m.embed_tokens.weight.dtype == torch.float32 and plain_linears(m))
             self._decode = key, (prepare(m, int4=self.weights == "int4") if ok else None)
         return self._decode[1]

@@ -29,6 +29,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from .data.documents import sha256_file
 from .errors import UserError
 
 # ---------------------------------------------------------------- tasks
@@ -149,14 +150,6 @@ def evaluate(model, tok, items, scorer, threshold, max_new, device) -> tuple[dic
 
 # ---------------------------------------------------------------- the loop
 
-def _sha(f: Path) -> str:
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _latest(paths) -> Path:
     from .checkpoint import list_checkpoints, resolve_checkpoint
     for stage in (paths.finetune, paths.pretrain, paths.imported):
@@ -228,7 +221,7 @@ def improve(cfg, paths, task: str, rounds: int = 2, *, data: str | None = None, 
         rdir.mkdir(parents=True, exist_ok=True)
         pairs_file = rdir / "pairs.jsonl"
         pairs_file.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
-        row = {"round": k, "start": str(start), "init_sha256": _sha(init / "model.safetensors"), "train_score": tr["score"], "train_correct": tr["correct"],
+        row = {"round": k, "start": str(start), "init_sha256": sha256_file(init / "model.safetensors"), "train_score": tr["score"], "train_correct": tr["correct"],
                "wrong": len(wrong), "pairs": len(pairs), "unpaired": unpaired,
                "heldout_before": {"score": before_val["score"], "correct": before_val["correct"]}}
         if len(pairs) < 2:
@@ -251,7 +244,7 @@ def improve(cfg, paths, task: str, rounds: int = 2, *, data: str | None = None, 
                    dpo={"pairs_train": ev["data"]["train"], "pairs_val": ev["data"]["val"],
                         "reward_accuracy": [ev["before"].get("reward_accuracy"), ev["after"].get("reward_accuracy")],
                         "reward_margin": [ev["before"].get("reward_margin"), ev["after"].get("reward_margin")]},
-                   model=str(start), model_sha256=_sha(start / "model.safetensors"))
+                   model=str(start), model_sha256=sha256_file(start / "model.safetensors"))
         shutil.copyfile(paths.finetune / "finetune_eval.json", rdir / "finetune_eval.json")
         summary["rounds"].append(row)
         before_val = after_val  # the next round's starting model is this one

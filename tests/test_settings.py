@@ -59,3 +59,19 @@ def test_old_run_configs_with_retired_keys_still_load(tmp_path):
     p = tmp_path / "config.yaml"
     p.write_text(yaml.safe_dump({"train": {"init_from": "", "steps": 3}}))
     assert load_config(str(p)).train.steps == 3
+
+
+def test_a_bad_choice_is_refused_when_read_and_force_deletes_nothing(tmp_path, capsys):
+    import pytest
+
+    from chatforge.errors import UserError
+    with pytest.raises(UserError, match="'train.precision': 'fp16' is not one of auto, fp32, bf16"):
+        load_config("tiny", ["train.precision=fp16"])
+    with pytest.raises(UserError, match="'finetune.mode'"):
+        load_config("tiny", ["finetune.mode=rlhf"])
+    run = tmp_path / "run"
+    (run / "pretrain" / "ckpt").mkdir(parents=True)
+    (run / "pretrain" / "ckpt" / "keep.txt").write_text("a user's checkpoint")
+    assert main(["pretrain", "--config", "tiny", "--run-dir", str(run), "--force", "train.optimizer=adam"]) == 2
+    assert "'train.optimizer': 'adam' is not one of adamw, sgd, muon" in capsys.readouterr().err
+    assert (run / "pretrain" / "ckpt" / "keep.txt").read_text() == "a user's checkpoint"

@@ -268,6 +268,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Fields with a fixed set of values, checked when the config is read: a typo is an error before any stage
+# starts (and before --force removes anything), not after.
+CHOICES = {"TrainConfig": {"precision": ("auto", "fp32", "bf16"), "optimizer": ("adamw", "sgd", "muon"),
+                           "schedule": ("cosine", "wsd", "constant"), "strategy": ("ddp", "fsdp")},
+           "FinetuneConfig": {"mode": ("sft", "cpt", "dpo", "grpo")}, "DPOConfig": {"loss": ("sigmoid", "ipo")},
+           "DataConfig": {"executor": ("local", "ray")}, "GenerateConfig": {"weights": ("fp32", "int4")},
+           "TokenizerConfig": {"kind": ("bpe", "char")}}
+
+
+def _choices(obj: Any, key: str) -> tuple[str, ...] | None:
+    for cls in type(obj).__mro__:
+        if key in CHOICES.get(cls.__name__, {}):
+            return CHOICES[cls.__name__][key]
+    return None
 RETIRED = {"train.init_from"}  # keys older runs' config.yaml may hold; read and ignored (now finetune.init_from)
 
 
@@ -286,7 +300,11 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
                 raise UserError(f"config key '{full}' is a section; give it as a mapping of its keys")
             _apply(current, value, full + ".")
         else:
-            setattr(obj, key, _coerce(value, hints[key], full))
+            value = _coerce(value, hints[key], full)
+            allowed = _choices(obj, key)
+            if allowed and str(value).lower() not in allowed:
+                raise UserError(f"config key '{full}': {value!r} is not one of {', '.join(allowed)}")
+            setattr(obj, key, value)
 
 
 def resolve_preset(path_or_name: str) -> Path:

@@ -135,11 +135,9 @@ def pretrain(cfg: Config, paths: RunPaths, force: bool = False, resume: bool = F
     tok = Tokenizer.load(paths.tokenizer)
     paths.need(paths.tokens / "train", "encode")
     _model_config(cfg, tok)
-    if not resume:
-        paths.guard(paths.pretrain, force, "a pretraining run")
+    if not resume and not force:
+        paths.guard(paths.pretrain, force, "a pretraining run")  # refuse before any work
     dist = setup(cfg.train.device)
-    if dist.is_main:
-        paths.save_config(cfg, "pretrain")
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model)
     if dist.is_main:
@@ -149,6 +147,10 @@ def pretrain(cfg: Config, paths: RunPaths, force: bool = False, resume: bool = F
                                   rank=dist.rank, world=dist.world, seed=cfg.train.seed,
                                   tok_hash=tok.hash, vocab_size=tok.vocab_size)
     val = token_arrays(paths.tokens / "val", tok)
+    if not resume and force:  # only now, with everything above checked, is the old run removed
+        paths.guard(paths.pretrain, force, "a pretraining run")
+    if dist.is_main:
+        paths.save_config(cfg, "pretrain")
 
     def val_batches():
         return iter_eval_batches(val, cfg.eval.batch_size, cfg.model.seq_len, max_batches=cfg.train.eval_batches)

@@ -59,8 +59,8 @@ def _manifest(folder: Path) -> dict:
 
 
 def _cfg(inputs, **kw) -> DataConfig:
-    return DataConfig(inputs=inputs, near_dedup=True, mask_pii=True, val_fraction=0.1, weights=[1.0, 2.0, 0.5],
-                      min_chars=20, **kw)
+    return DataConfig(**{"inputs": inputs, "near_dedup": True, "mask_pii": True, "val_fraction": 0.1,
+                         "weights": [1.0, 2.0, 0.5], "min_chars": 20, **kw})
 
 
 @pytest.fixture(autouse=True)
@@ -96,6 +96,75 @@ def test_prepare_ray_matches_local(ray_cluster, inputs, local_out, tmp_path, mon
     assert _digest(out, skip=("manifest.json",)) == _digest(local_out, skip=("manifest.json",))
     assert _manifest(out) == _manifest(local_out)
     assert m["config"]["executor"] == "ray"
+
+
+@pytest.fixture(scope="module")
+def mixed_inputs(tmp_path_factory) -> list[str]:
+    """3 files: exact copies within and across files, near copies (a few words edited in long documents),
+    broken JSON lines and a record without the text field in the middle of files 0 and 1."""
+    d = tmp_path_factory.mktemp("mixed")
+    rng = random.Random(1)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 200))) + "." for _ in range(600)]
+    long_docs = [t for t in docs if len(t.split()) > 120][:30]
+    near = [" ".join("zebra" if i in (3, 50) else w for i, w in enumerate(t.split())) for t in long_docs]
+    lines = [[json.dumps({"text": t}) for t in part] for part in (docs[:200], docs[200:400], docs[400:])]
+    lines[0][10:10] = [json.dumps({"text": docs[3]}), json.dumps({"text": docs[3]})]  # copies in one file
+    lines[0][120:120] = ['{"text": "broken', json.dumps({"body": "no text field"})]
+    lines[1][100:100] = ['{"text": oops}']
+    lines[2] += [json.dumps({"text": t}) for t in docs[150:180] + near] + ['{"text": "cut']
+    files = []
+    for i, part in enumerate(lines):
+        p = d / f"m{i}.jsonl"
+        p.write_text("\n".join(part) + "\n")
+        files.append(str(p))
+    return files
+
+
+@pytest.mark.parametrize("near,max_docs", [(True, 0), (False, 0), (True, 100), (True, 330)],
+                         ids=["near", "exact_only", "near_stop_in_file0", "near_stop_in_file1"])
+def test_prepare_ray_dedup_matches_local(ray_cluster, mixed_inputs, tmp_path, near, max_docs):
+    """The distributed group-bys give the sequential verdicts: same bytes (shards, rejects.jsonl) and counts,
+    also when max_docs stops the run mid-input (read problems after the stop are not counted by either)."""
+    cfg = {"near_dedup": near, "max_docs": max_docs}
+    prepare_corpus(_cfg(mixed_inputs, **cfg), tmp_path / "local")
+    b = prepare_corpus(_cfg(mixed_inputs, executor="ray", **cfg), tmp_path / "ray")
+    assert _digest(tmp_path / "ray", skip=("manifest.json",)) == _digest(tmp_path / "local", skip=("manifest.json",))
+    assert _manifest(tmp_path / "ray") == _manifest(tmp_path / "local")
+    assert b["stopped_by"] == ("max_docs" if max_docs else None)
+    assert b["dropped"]["duplicate"]["documents"] >= (2 if max_docs else 30)
+    if near and not max_docs:
+        assert b["dropped"]["near_duplicate"]["documents"] >= 20
+    # the stop lands between read problems, so their counts depend on where it is
+    assert sum(b["read_errors"].values()) == {0: 4, 100: 0, 330: 3}[max_docs]
+    if not max_docs:
+        assert b["mix"][1]["train_documents"] > b["mix"][1]["documents_kept"]  # upsampled (weight 2)
+
+
+def test_resolve_near_equals_minhash_lsh():
+    """Step 3's bucket grouping + greedy resolution == datasketch's sequential query-then-insert, on signatures
+    built so that band keys collide often (chains: A ~ B ~ C where B is dropped, C kept, ...). No Ray."""
+    import numpy as np
+
+    from chatforge.data.dedup import NearDedup
+    from chatforge.data.ray_prepare import lsh_shape, near_buckets, resolve_near
+
+    b, r = lsh_shape(0.8, 32)
+    assert b * r <= 32 and b >= 2
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        n = 60
+        pool = rng.integers(0, 2**32, size=(b, 4, r), dtype=np.uint64)  # 4 possible keys per band
+        sigs = rng.integers(0, 2**32, size=(n, 32), dtype=np.uint64)
+        for j in range(n):
+            for i in range(b):
+                if rng.random() < 0.3:  # this band's key comes from a small pool: collisions
+                    sigs[j, i * r:(i + 1) * r] = pool[i, rng.integers(4)]
+        nd = NearDedup(0.8, 32)
+        expected = [j for j in range(n) if nd.is_duplicate_signature(sigs[j])]
+        orders = [(j // 25) << 40 | (j % 25) for j in range(n)]  # order keys across "files"
+        got = resolve_near(near_buckets(orders, sigs, b, r)).tolist()
+        assert got == [orders[j] for j in expected]
+        assert 0 < len(expected) < n
 
 
 def test_prepare_part_ray_matches_local(ray_cluster, inputs, tmp_path):

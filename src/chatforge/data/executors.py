@@ -3,19 +3,19 @@
 local  this machine: a process pool for prepare (data.workers), threads for encode (the default).
 ray    Ray tasks on a Ray cluster (`data.ray_address`, empty: a Ray instance started on this machine).
 
-Only the pure half runs remotely; the order-dependent half stays in the driver, so the output is byte-identical
-to the local executor:
+The output is byte-identical to the local executor:
 
-- prepare: batches of raw documents (in canonical order) go to `_prepare_batch` tasks, which run the same
-  `DocumentProcessor` as the local pool (clean, mask, filters, exact hash, MinHash signature). The driver
-  collects results in submission order and feeds them to the same `Finisher` (dedup decisions, split,
-  weights, writing).
+- prepare (a single run): reading, the per-document work and the exact/near dedup group-bys run on the
+  cluster, and only the ordered write pass stays in the driver: see ray_prepare.py.
+- prepare of a part (--shard/--num-shards, for `merge`): batches of raw documents read by the driver (in
+  canonical order) go to `_prepare_batch` tasks, which run the same `DocumentProcessor` as the local pool
+  (clean, mask, filters, exact hash). The driver collects results in submission order.
 - encode: each batch of documents is cut into runs tokenized by `_encode_run` tasks; the driver writes the
   runs in order with the same shard writer.
 
-Reading also happens in the driver (one sequential pass over the inputs, which is what fixes the canonical
-order). A task whose worker dies (process crash, node lost) is re-run by Ray up to `_RETRIES` times; the
-tasks are pure, so a retry returns the same result. Ray is imported only here, only when data.executor=ray.
+A task whose worker dies (process crash, node lost) is re-run by Ray up to `_RETRIES` times; the tasks are
+pure, so a retry returns the same result. Ray is imported only here and in ray_prepare.py, only when
+data.executor=ray.
 """
 from __future__ import annotations
 

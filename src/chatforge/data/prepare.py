@@ -20,6 +20,9 @@ upsampled copies wait in a temporary file on disk.
 Validation never ends up empty when there are two or more documents: if the hash split puts nothing in val, the
 train document with the smallest split hash is moved there, so evaluation downstream always has data.
 
+data.executor=ray runs reading, the per-document half and the dedup decisions on a Ray cluster and feeds
+the results, with their verdicts, to the same `Finisher` (ray_prepare.py).
+
 The shard and manifest format is in documents.py; the fine-tuning set is prepared by chat.py.
 """
 from __future__ import annotations
@@ -205,7 +208,8 @@ def process_documents(cfg: DataConfig, items: Iterator[tuple[int, int, str, str]
                       ) -> Iterator[tuple[tuple[int, int, str, str], Processed]]:
     """(item, result) in input order. workers > 1: batches go to a process pool with a bounded number in
     flight (Pool.imap would read the whole input ahead into memory), collected in submission order.
-    data.executor=ray: the same batches go to Ray tasks instead (executors.py)."""
+    data.executor=ray: the same batches go to Ray tasks instead (executors.py); only a part (--shard) comes
+    here with Ray, a single run reads and deduplicates on the cluster (ray_prepare.py)."""
     if check_executor(cfg.executor) == "ray":  # Ray tasks over the same batches (see executors.py)
         from .executors import ray_process_documents
         yield from ray_process_documents(cfg, _batches(items, _BATCH_DOCS, _BATCH_CHARS), DocumentProcessor,
@@ -234,6 +238,16 @@ def process_documents(cfg: DataConfig, items: Iterator[tuple[int, int, str, str]
             yield from zip(b, fut.result())
     finally:  # also when the caller stops early (max_docs): drop queued batches, wait for running ones
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _with_lengths(items: Iterator[tuple]) -> Iterator[tuple]:
+    """process_documents' items in the shape the Ray path yields: ((file, record, raw length, source), result,
+    verdict None: the Finisher decides)."""
+    try:
+        for (fidx, k, raw, source), res in items:
+            yield (fidx, k, len(raw), source), res, None
+    finally:
+        items.close()
 
 
 # ============================================================================================ finishing
@@ -271,16 +285,16 @@ class Finisher:
         d["bytes"] += nbytes
 
     def add(self, file_index: int, text: str, source: str, nbytes: int, key: int | None = None,
-            signature: Any = None) -> bool:
-        """Offer one document that passed the per-document filters. False: a limit was reached, stop."""
-        if self.exact.is_duplicate_hash(dedup_hash(text) if key is None else key):
-            self.drop("duplicate", nbytes)
+            signature: Any = None, verdict: str | None = None) -> bool:
+        """Offer one document that passed the per-document filters. False: a limit was reached, stop.
+
+        verdict: the dedup decision made elsewhere ("keep", "duplicate", "near_duplicate": the Ray executor's
+        group-bys, see ray_prepare.py); None: decide here, in order."""
+        if verdict is None:
+            verdict = self._dedup(text, key, signature)
+        if verdict != "keep":
+            self.drop(verdict, nbytes)
             return True
-        if self.near is not None:
-            sig = self.near.signature(text) if signature is None else signature
-            if self.near.is_duplicate_signature(sig):
-                self.drop("near_duplicate", nbytes)
-                return True
         self.kept += 1
         self.kept_bytes += nbytes
         counts = self.per_file[file_index]
@@ -305,6 +319,15 @@ class Finisher:
         elif self.cfg.max_bytes and self.kept_bytes >= self.cfg.max_bytes:
             self.stopped_by = "max_bytes"
         return self.stopped_by is None
+
+    def _dedup(self, text: str, key: int | None, signature: Any) -> str:
+        if self.exact.is_duplicate_hash(dedup_hash(text) if key is None else key):
+            return "duplicate"
+        if self.near is not None:
+            sig = self.near.signature(text) if signature is None else signature
+            if self.near.is_duplicate_signature(sig):
+                return "near_duplicate"
+        return "keep"
 
     def _val(self, text: str, source: str, nbytes: int, input_index: int) -> None:
         self.writers["val"].write(text, source, nbytes)
@@ -461,14 +484,20 @@ def prepare_corpus(cfg: DataConfig, out_dir: Path, shard_index: int | None = Non
     part_writer = DocumentWriter(out_dir, PART_PREFIX) if part else None
     part_dedup = ExactDedup()
     # Near-duplicate signatures are computed by the workers in a single run; a part leaves near-dedup to
-    # the merge, which has to see every part.
-    items = process_documents(cfg, _iter_raw(cfg, files, stats, shard_index, num_shards),
-                              signatures=cfg.near_dedup and not part)
+    # the merge, which has to see every part. data.executor=ray (single run): reading and dedup run on the
+    # cluster too, and documents arrive with their dedup verdicts (ray_prepare.py); a part uses Ray only for
+    # the per-document work (process_documents).
+    if not part and check_executor(cfg.executor) == "ray":
+        from .ray_prepare import ray_prepare_documents
+        items = ray_prepare_documents(cfg, files, stats, DocumentProcessor)
+    else:
+        items = _with_lengths(process_documents(cfg, _iter_raw(cfg, files, stats, shard_index, num_shards),
+                                                signatures=cfg.near_dedup and not part))
     bar = _progress_bar(files, "prepare" if not part else f"prepare part {shard_index}/{num_shards}")
     try:
-        for (fidx, k, raw, source), res in items:
+        for (fidx, k, nchars, source), res, verdict in items:
             tally.see(fidx, res)
-            bar.update(len(raw))
+            bar.update(nchars)
             if tally.read % 1000 == 0:
                 bar.set_postfix(docs=tally.read, refresh=False)
             if res.text is None:
@@ -478,7 +507,7 @@ def prepare_corpus(cfg: DataConfig, out_dir: Path, shard_index: int | None = Non
                     tally.drop("duplicate", res.nbytes)
                     continue
                 part_writer.write_record({"k": [fidx, k], "text": res.text, "source": source}, res.nbytes)
-            elif not fin.add(fidx, res.text, source, res.nbytes, res.key, res.signature):
+            elif not fin.add(fidx, res.text, source, res.nbytes, res.key, res.signature, verdict):
                 break
     except BaseException:
         if fin is not None:

@@ -1,13 +1,15 @@
-"""Training steps/s: our GPT vs transformers' LlamaForCausalLM of the same architecture (CPU, fp32).
+"""Training tokens/s: our GPT vs transformers' LlamaForCausalLM of the same architecture, on this CPU, both precisions.
 
 Every variant gets the same weights, batch, loss and optimizer (AdamW, fused on CPU as chatforge's trainer
-uses it); only the model code and whether torch.compile is applied differ. The machine may be shared, so
-the variants run paired: each round times a few steps of every variant back to back (rotating the order),
-and the reported ratio is the median over rounds of (variant steps/s) / (HF eager steps/s).
+uses it, fp32 master weights); only the model code, the precision and whether torch.compile is applied differ.
+chatforge runs in the precision `train.precision=auto` picks here (printed, with the reason); transformers runs
+in fp32 and in bf16 autocast (torch.autocast("cpu", dtype=torch.bfloat16) around the forward), so the ratio to
+each is printed. The machine may be shared, so the variants run paired: each round times a few steps of every
+variant back to back (rotating the order), and each ratio is the median over rounds of the per-round ratio.
 
     .venv/bin/python benchmarks/bench_train.py [--rounds 7] [--steps 2] [--threads 2] [--no-compile] [--hf-compile]
-It also profiles one eager step of each and prints the share of time spent in matrix multiplies and attention
-kernels: both models run the same ones, so 1 / (HF's share) bounds what any rewrite of the rest could gain.
+It also profiles one eager step of chatforge and of HF fp32 and prints the share of time spent in matrix
+multiplies and attention kernels: 1 / (HF's share) bounds what any fp32 rewrite of the rest could gain.
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from chatforge import machine
 from chatforge.config import ModelConfig
+from chatforge.distributed import autocast_ctx
 from chatforge.model import GPT
 
 
@@ -35,11 +39,13 @@ def hf_twin(cfg: ModelConfig):
     return hf
 
 
-def make_step(model, logits_of, x, y, vocab: int):
+def make_step(model, logits_of, x, y, vocab: int, precision: str = "fp32"):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # fused AdamW runs on CPU since torch 2.4
 
     def step():
-        loss = F.cross_entropy(logits_of(model, x).reshape(-1, vocab), y.reshape(-1))
+        with autocast_ctx("cpu", precision):  # bf16: torch.autocast("cpu", dtype=torch.bfloat16); fp32: nothing
+            logits = logits_of(model, x)
+        loss = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -76,6 +82,7 @@ def main() -> None:
     ap.add_argument("--hf-compile", action="store_true", help="also time torch.compile'd HF (the fair peer)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    print(machine.describe(), flush=True)  # after set_num_threads: it names the thread count
     cfg = ModelConfig(n_layer=a.layers, n_head=a.heads, n_kv_head=a.heads, n_embd=a.embd, seq_len=a.seq,
                       vocab_size=a.vocab)
     torch.manual_seed(0)
@@ -89,19 +96,26 @@ def main() -> None:
     with torch.no_grad():  # same weights -> same logits: the comparison is between equal models
         diff = (ours(x) - theirs(input_ids=x).logits).abs().max().item()
 
+    precision, why = machine.choose_precision(torch.device("cpu"), "auto", cfg.n_embd)
+    ours_name = f"chatforge {precision}"
+
     # Each variant trains its own copy of the weights (the optimizer steps must not interfere).
     copy_of = copy.deepcopy
 
-    variants = {"HF eager": make_step(copy_of(theirs), lambda m, x: m(input_ids=x).logits, x, y, a.vocab),
-                "chatforge eager": make_step(copy_of(ours), lambda m, x: m(x), x, y, a.vocab)}
+    def hf_logits(m, x):
+        return m(input_ids=x).logits
+
+    variants = {"HF fp32": make_step(copy_of(theirs), hf_logits, x, y, a.vocab),
+                "HF bf16": make_step(copy_of(theirs), hf_logits, x, y, a.vocab, "bf16"),
+                ours_name: make_step(copy_of(ours), lambda m, x: m(x), x, y, a.vocab, precision)}
     if not a.no_compile:
         m = copy_of(ours)
         cm = torch.compile(m)
-        variants["chatforge compiled"] = make_step(m, lambda _, x: cm(x), x, y, a.vocab)
+        variants[f"{ours_name} compiled"] = make_step(m, lambda _, x: cm(x), x, y, a.vocab, precision)
     if a.hf_compile:
         m = copy_of(theirs)
         cm_hf = torch.compile(m)
-        variants["HF compiled"] = make_step(m, lambda _, x: cm_hf(input_ids=x).logits, x, y, a.vocab)
+        variants["HF fp32 compiled"] = make_step(m, lambda _, x: cm_hf(input_ids=x).logits, x, y, a.vocab)
 
     warm = {}
     for name, step in variants.items():  # warm-up; for compiled variants this is the compile time
@@ -120,22 +134,22 @@ def main() -> None:
             times[name].append((time.perf_counter() - t0) / a.steps)
 
     tok = a.batch * a.seq
-    print(f"model {ours.num_params() / 1e6:.2f}M params, batch {a.batch}x{a.seq}, {a.threads} threads, fp32 CPU, "
-          f"{a.rounds} rounds x {a.steps} steps, max |logit diff| ours vs HF {diff:.1e}")
-    base = times["HF eager"]
+    print(f"model {ours.num_params() / 1e6:.2f}M params, batch {a.batch}x{a.seq}, {a.threads} threads, CPU, "
+          f"{a.rounds} rounds x {a.steps} steps, max |logit diff| ours vs HF (fp32) {diff:.1e}")
+    print(f"chatforge train.precision=auto here: {why}")
+
+    def ratio(name: str, base: str) -> str:
+        r = sorted(b / t for b, t in zip(times[base], times[name]))
+        return f"{statistics.median(r):.2f}x (min {r[0]:.2f}, max {r[-1]:.2f})"
     for name in names:
         sps = 1 / statistics.median(times[name])
-        ratios = [b / t for b, t in zip(base, times[name])]
-        print(f"{name:20s}: {sps:6.3f} steps/s ({sps * tok:8,.0f} tok/s)  vs HF eager: median "
-              f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f})  "
-              f"warm-up {warm[name]:.1f}s")
-    share = {name: kernel_share(variants[name]) for name in ("HF eager", "chatforge eager")}
-    print(f"time in matmul + attention kernels (profiled step): HF eager {share['HF eager']:.0%}, chatforge eager "
-          f"{share['chatforge eager']:.0%}; a model that ran only those kernels would be at most "
-          f"{1 / share['HF eager']:.2f}x HF eager")
-
+        print(f"{name:26s}: {sps:6.3f} steps/s ({sps * tok:8,.0f} tok/s, median)  warm-up {warm[name]:.1f}s")
+    for name in [n for n in names if n.startswith("chatforge")]:
+        print(f"{name} / HF fp32: {ratio(name, 'HF fp32')};  {name} / HF bf16: {ratio(name, 'HF bf16')}")
+    share = {name: kernel_share(variants[name]) for name in ("HF fp32", ours_name)}
+    print(f"time in matmul + attention kernels (profiled step): HF fp32 {share['HF fp32']:.0%}, {ours_name} "
+          f"{share[ours_name]:.0%}; an fp32 model that ran only those kernels would be at most "
+          f"{1 / share['HF fp32']:.2f}x HF fp32")
 
 if __name__ == "__main__":
-    from chatforge.machine import describe
-    print(describe(), flush=True)
     main()

@@ -71,3 +71,67 @@ def test_bf16_resume_is_bit_exact(tmp_path):
     a = load_file(str(tmp_path / "full" / "ckpt" / "step_000008" / "model.safetensors"))
     b = load_file(str(part / "ckpt" / "step_000008" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- generation: bf16 autocast in prefill only ------------------------------------------------------------
+
+def _engine_and_prompt(precision: str = "fp32", T: int = 40):
+    from test_engine import make_model, make_tok
+
+    from chatforge.engine import Engine
+    tok = make_tok()
+    model = make_model(tok)
+    ids = torch.randint(3, tok.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
+    return Engine(model, tok, precision=precision), model, ids
+
+
+def _fp32_logits(model, ids):
+    """What Engine.prefill computed before it had a precision."""
+    last = torch.zeros(ids.shape, dtype=torch.bool)
+    last[:, -1] = True
+    with torch.inference_mode():
+        return model(ids, logits_at=last)
+
+
+def test_fp32_generation_is_unchanged_and_bf16_prefill_is_close_but_not_equal():
+    eng, model, ids = _engine_and_prompt("fp32")
+    ref = _fp32_logits(model, ids)
+    fp32 = eng.prefill(ids, eng.new_cache(2, ids.shape[1]))
+    assert eng.precision == "fp32" and torch.equal(fp32, ref)
+    from chatforge.engine import Engine
+    default = Engine(model, eng.tok)  # the default is fp32: every caller but generate/chat/serve keeps it
+    prompt = ids[0, :12].tolist()
+    assert eng.generate(prompt, max_new_tokens=12, temperature=0) == \
+        default.generate(prompt, max_new_tokens=12, temperature=0)
+
+    bf16 = Engine(model, eng.tok, precision="bf16")
+    cache = bf16.new_cache(2, ids.shape[1])
+    got = bf16.prefill(ids, cache)
+    assert bf16.precision == "bf16" and got.dtype == torch.float32 and cache.kv[0].dtype == torch.float32
+    assert not torch.equal(got, ref)  # the bf16 path really ran
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 keeps ~3 significant digits
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # autocast: the weights stay fp32
+    assert len(bf16.generate(prompt, max_new_tokens=6, temperature=0)[0]) == 6  # decode steps after it run
+
+
+def test_generate_precision_auto_follows_the_machine_and_short_prompts_stay_fp32(monkeypatch):
+    monkeypatch.setattr(machine, "cpu", lambda: ("Some CPU", ["avx2", "fma"]))
+    assert _engine_and_prompt("auto")[0].precision == "fp32"
+    monkeypatch.setattr(machine, "cpu", lambda: ("Xeon", ["avx512_bf16", "amx_bf16", "amx_tile"]))
+    monkeypatch.setattr(machine, "bf16_speedup_at", lambda width: 3.0)
+    from chatforge.engine import BF16_MIN_TOKENS
+    eng, model, ids = _engine_and_prompt("auto", T=BF16_MIN_TOKENS // 2)
+    assert eng.precision == "bf16" and eng.precision_why.startswith("bf16 autocast: AMX present")
+    short = eng.prefill(ids[:1], None)  # below BF16_MIN_TOKENS: the casts would cost more than they save
+    assert torch.equal(short, _fp32_logits(model, ids[:1]))
+    assert not torch.equal(eng.prefill(ids, None), _fp32_logits(model, ids))  # 2 rows: BF16_MIN_TOKENS tokens
+
+
+def test_an_unknown_generate_precision_is_a_one_line_error(tmp_path, capsys):
+    from chatforge.cli import main
+    from chatforge.config import load_config
+    with pytest.raises(UserError, match="'generate.precision': 'fp16' is not one of auto, fp32, bf16"):
+        load_config("tiny", ["generate.precision=fp16"])
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "x", "generate.precision=fp16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'generate.precision': 'fp16' is not one of auto, fp32, bf16" in err

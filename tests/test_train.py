@@ -382,3 +382,19 @@ def test_loop_state_keeps_the_checkpoint_format():
            "early_stopped": False}
     assert asdict(LoopState.from_dict(old)) == {**old, "precision": ""}  # an old checkpoint: decided on resume
     assert set(asdict(LoopState())) == set(old) | {"precision"}
+
+
+def test_bf16_ratio_is_the_median_of_recent_probes(tmp_path, monkeypatch):
+    # The printed bf16/fp32 ratio is one that probes measured (the median of the last 5), not a ratio of two
+    # best-ever rates taken under different loads.
+    from chatforge.machine import _recent_median
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _recent_median("r", 2.0) == 2.0
+    assert _recent_median("r", 10.0) == 6.0
+    assert _recent_median("r", 3.0) == 3.0
+    for v in (4.0, 4.0, 4.0):
+        _recent_median("r", v)
+    assert _recent_median("r", 4.0) == 4.0  # 2.0 and 10.0 have dropped out of the last 5
+    assert _recent_median("other", 1.5) == 1.5
+    (tmp_path / "chatforge" / "cpu_peak.json").write_text("[]")
+    assert _recent_median("r", 2.5) == 2.5  # a damaged cache is replaced, never an error

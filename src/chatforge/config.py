@@ -194,6 +194,7 @@ class GenerateConfig:
     repetition_penalty: float = 1.0
     seed: int = 0
     weights: str = "fp32"  # int4: one-row CPU decoding reads 4-bit weight copies (~2.4x faster, see cpu_decode.py)
+    precision: str = "auto"  # of the prompt's forward (prefill): auto | fp32 | bf16 (autocast); decoding stays fp32
     device: str = "auto"  # where generate/chat/serve/eval run: auto | cpu | cuda | mps
 
 
@@ -273,7 +274,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 CHOICES = {"TrainConfig": {"precision": ("auto", "fp32", "bf16"), "optimizer": ("adamw", "sgd", "muon"),
                            "schedule": ("cosine", "wsd", "constant"), "strategy": ("ddp", "fsdp")},
            "FinetuneConfig": {"mode": ("sft", "cpt", "dpo", "grpo")}, "DPOConfig": {"loss": ("sigmoid", "ipo")},
-           "DataConfig": {"executor": ("local", "ray")}, "GenerateConfig": {"weights": ("fp32", "int4")},
+           "DataConfig": {"executor": ("local", "ray")},
+           "GenerateConfig": {"weights": ("fp32", "int4"), "precision": ("auto", "fp32", "bf16")},
            "TokenizerConfig": {"kind": ("bpe", "char")}}
 
 

@@ -3,9 +3,12 @@
 Prompts run through GPT.forward into a KV cache (`prefill`), then each new token does (`decode_step`); the
 batcher (continuous batching) uses the same two calls. A batch left-pads its prompts to a common length:
 each row keeps its own positions (counted from its first real token) and a padding mask hides the padding,
-so a row's tokens are the same as when it runs alone. One row on the CPU decodes through
+so a row's tokens are the same as when it runs alone (in fp32). One row on the CPU decodes through
 cpu_decode.decode_one, a lean restatement of the forward for one token (about 2x faster for small models);
 it must stay the same function as GPT.forward up to float rounding (tests compare their logits).
+precision="bf16" (or auto where bf16 measures faster) runs prefill under bf16 autocast; decode steps stay fp32:
+one token per row is bound by per-operation overhead and weight reads, and autocast's weight casts make it slower
+(benchmarks/bench_prefill.py).
 """
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ from pathlib import Path
 import torch
 
 from .cpu_decode import DecodeWeights, decode_one, plain_linears, prepare
-from .distributed import pick_device
+from .distributed import autocast_ctx, pick_device
 from .errors import UserError
+from .machine import choose_precision
 from .model import GPT, KVCache
 from .quant import GROUP, int4_available
 from .sampling import StopText, TextStream, sample_next
@@ -26,13 +30,19 @@ __all__ = ["Engine", "StopText", "TextStream", "sample_next"]
 
 
 WEIGHTS = ("fp32", "int4")
+# precision=auto: a prompt shorter than this (rows x tokens) is run in fp32 all the same. Autocast casts every
+# weight to bf16 on each call; a short prompt's matmuls gain less than that costs (benchmarks/bench_prefill.py).
+BF16_MIN_TOKENS = 64
 
 
 class Engine:
-    def __init__(self, model: GPT, tok: Tokenizer, device: str = "cpu", weights: str = "fp32"):
+    def __init__(self, model: GPT, tok: Tokenizer, device: str = "cpu", weights: str = "fp32",
+                 precision: str = "fp32"):
         """weights="int4" (opt-in, CPU): single-row decoding reads 4-bit copies of the layers' projections and a
         bf16 vocabulary projection (src/chatforge/quant.py) - about 3x fewer bytes per token, at some accuracy;
-        the prompt, batches and the model itself stay fp32. The default "fp32" decodes with the model's numbers."""
+        batches and the model itself stay fp32. The default "fp32" decodes with the model's numbers.
+        precision (auto | fp32 | bf16, machine.choose_precision decides auto): of the prompt's forward (prefill);
+        bf16 autocast there, fp32 weights kept; decode steps stay fp32 (see prefill). precision_why says why."""
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.tok = tok
@@ -53,6 +63,11 @@ class Engine:
             if why:
                 raise UserError(f"weights='int4' is not available here: {why}")
         self.weights = weights
+        self.precision, why = choose_precision(self.device, precision, model.cfg.n_embd)
+        asked = str(precision).lower() in ("bf16", "bfloat16")
+        self._bf16_from = 0 if asked else BF16_MIN_TOKENS  # prompt tokens from which prefill runs in bf16
+        self.precision_why = why if self.precision == "fp32" else \
+            f"{why}; for prompts{'' if asked else f' of {BF16_MIN_TOKENS}+ tokens'}, decode steps stay fp32"
         self._decode: tuple[tuple[int, ...], DecodeWeights | None] | None = None  # (parameter versions, weights)
         self._version_key: tuple[int, ...] | None = None  # parameter versions at the last prefill
 
@@ -87,6 +102,8 @@ class Engine:
         positions, mask: as GPT.forward's (a left-padded batch passes both). cache None: nothing is kept (the
         uncached path re-runs the whole sequence each step). Also brings decode_step's weight copies up to date
         with the model's parameters (an engine kept across training steps must not decode with stale copies).
+        Runs under bf16 autocast when self.precision is bf16 (for auto, from BF16_MIN_TOKENS tokens); the logits
+        are fp32 either way.
         """
         key = tuple(p._version for p in self.model.parameters())
         if self._decode is not None and self._decode[0] != key:
@@ -94,7 +111,11 @@ class Engine:
         self._version_key = key
         last = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         last[:, -1] = True  # the vocabulary projection only where we sample
-        return self.model(ids, position_ids=positions, mask=mask, kv_cache=cache, logits_at=last)
+        if self.precision == "fp32" or ids.numel() < self._bf16_from:
+            return self.model(ids, position_ids=positions, mask=mask, kv_cache=cache, logits_at=last)
+        with autocast_ctx(self.device, self.precision):
+            logits = self.model(ids, position_ids=positions, mask=mask, kv_cache=cache, logits_at=last)
+        return logits.float()
 
     @torch.inference_mode()
     def decode_step(self, tokens: torch.Tensor, cache: KVCache, *, positions: torch.Tensor | None = None,

@@ -122,24 +122,46 @@ BF16_MIN_SPEEDUP = 1.3  # bf16 autocast casts and keeps fp32 master weights: bel
 def bf16_speedup_at(width: int) -> float:
     """fp32 time / bf16 time of a matmul shaped like a training step of a model this wide ((4096 x width) @
     (width x 4 width), the bf16 casts autocast adds included): small models gain less than the peak ratio says,
-    or lose. Each side's best rate ever measured here is kept (as the peaks are), so a probe run on a busy
-    machine does not flip the choice from one run to the next."""
+    or lose. fp32 and bf16 are timed alternately within one probe (load from other jobs slows both alike), and
+    the median of this machine's last 5 probes is used, so one noisy probe neither flips the choice nor prints
+    a ratio that no single measurement showed."""
     import torch
     import torch.nn.functional as F
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(4096, width, generator=g), torch.randn(4 * width, width, generator=g)
-
-    def rate(fn) -> float:
+    runs = {"fp32": lambda: F.linear(x, w), "bf16": lambda: F.linear(x.bfloat16(), w.bfloat16())}
+    best = {k: float("inf") for k in runs}
+    for fn in runs.values():
         fn()
-        best = float("inf")
-        for _ in range(5):
+    for _ in range(5):
+        for k, fn in runs.items():
             t = time.perf_counter()
             fn()
-            best = min(best, time.perf_counter() - t)
-        return 1.0 / best
-    fp32 = _best_seen(f"linear{width} fp32", rate(lambda: F.linear(x, w)))
-    bf16 = _best_seen(f"linear{width} bf16", rate(lambda: F.linear(x.bfloat16(), w.bfloat16())))
-    return bf16 / fp32
+            best[k] = min(best[k], time.perf_counter() - t)
+    return _recent_median(f"linear{width} bf16/fp32", best["fp32"] / best["bf16"])
+
+
+def _recent_median(kind: str, measured: float, keep: int = 5) -> float:
+    """The median of the last `keep` values measured here for `kind` (this one included), kept in the cache."""
+    import statistics
+    key = _key(kind)
+    path = _cache_path()
+    try:
+        data = json.loads(path.read_text())
+        data = data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    old = data.get(key)
+    old = [float(v) for v in old if isinstance(v, (int, float))] if isinstance(old, list) else []
+    recent = (old + [measured])[-keep:]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**data, key: recent}))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home: use this run's measurement
+    return statistics.median(recent)
 
 
 def choose_precision(device, requested: str = "auto", width: int = 0) -> tuple[str, str]:

@@ -6,6 +6,7 @@ chat/serve/export/generate use the model the demo picked (RUN/chat_model.json).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .config import Config
@@ -50,7 +51,10 @@ def engine(cfg: Config, paths: RunPaths, stage: str, which: str):
     from .tokenizer import Tokenizer
     paths = chat_paths(paths, stage)
     model, _, _ = load_run_model(paths, stage, which)
-    return Engine(model, Tokenizer.load(paths.tokenizer), device=cfg.generate.device, weights=cfg.generate.weights)
+    g = cfg.generate
+    eng = Engine(model, Tokenizer.load(paths.tokenizer), device=g.device, weights=g.weights, precision=g.precision)
+    print(f"precision: {eng.precision_why}", file=sys.stderr)  # stderr: generate's stdout is the text alone
+    return eng
 
 
 # ---------------------------------------------------------------- eval
@@ -252,8 +256,6 @@ def evaluate_suite(cfg: Config, paths: RunPaths, suite: str = "core", stage: str
     (default tasks.SUITE_ITEMS; 0 = all): score, random baseline, centred score, and their mean ("core").
     A task that cannot load (no network and no cache) is a skipped row with its reason; none loading is an
     error. Rows go to RUN/eval/<stage>_<checkpoint>_suite_<suite>.json, which `chatforge report` shows."""
-    import sys
-
     from .report import print_table
     from .tasks import SUITE_ITEMS, SUITES, core_summary, load_task, resolve_task
     from .tokenizer import Tokenizer

@@ -59,24 +59,34 @@ def seen(kind: str) -> float:
         return 0.0
 
 
-def _best_seen(kind: str, measured: float) -> float:
-    """The best rate ever measured here for `kind`, kept in ~/.cache/chatforge: a probe run on a busy machine
-    then does not take a low peak (and print an MFU that is too high, or pick the wrong precision)."""
-    key = _key(kind)
-    path = _cache_path()
+def _load_cache() -> dict:
     try:
-        seen = json.loads(path.read_text())
-        seen = seen if isinstance(seen, dict) else {}
+        data = json.loads(_cache_path().read_text())
+        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
-        seen = {}
-    best = max(measured, float(seen.get(key, 0.0) or 0.0))
+        return {}
+
+
+def _store_cache(data: dict) -> None:
+    path = _cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**seen, key: best}))
+        tmp.write_text(json.dumps(data))
         tmp.replace(path)
     except OSError:
         pass  # a read-only home: use this run's measurement
+
+
+def _best_seen(kind: str, measured: float) -> float:
+    """The best rate ever measured here for `kind`, kept in ~/.cache/chatforge: a probe run on a busy machine
+    then does not take a low peak (and print an MFU that is too high, or pick the wrong precision)."""
+    key, data = _key(kind), _load_cache()
+    try:
+        best = max(measured, float(data.get(key, 0.0) or 0.0))
+    except (TypeError, ValueError):
+        best = measured
+    _store_cache({**data, key: best})
     return best
 
 
@@ -144,23 +154,11 @@ def bf16_speedup_at(width: int) -> float:
 def _recent_median(kind: str, measured: float, keep: int = 5) -> float:
     """The median of the last `keep` values measured here for `kind` (this one included), kept in the cache."""
     import statistics
-    key = _key(kind)
-    path = _cache_path()
-    try:
-        data = json.loads(path.read_text())
-        data = data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        data = {}
+    key, data = _key(kind), _load_cache()
     old = data.get(key)
     old = [float(v) for v in old if isinstance(v, (int, float))] if isinstance(old, list) else []
     recent = (old + [measured])[-keep:]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**data, key: recent}))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only home: use this run's measurement
+    _store_cache({**data, key: recent})
     return statistics.median(recent)
 
 

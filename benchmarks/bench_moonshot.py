@@ -69,7 +69,9 @@ def main() -> None:
         base = args.out or Path(tempfile.mkdtemp(prefix="moonshot-"))
         results = []
         for spec in args.run:
-            name, _, ov = spec.partition("=")
+            name, eq, ov = spec.partition("=")
+            if not eq or not name.strip() or not all("=" in o for o in ov.split()):
+                sys.exit(f"--run {spec!r}: write NAME=OVERRIDES, e.g. --run \"small=model.n_layer=2 train.steps=50\"")
             results.append(run_one(name, ov.split(), base / name, args.threads))
             (base / "results.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "curve"}
                                                            for r in results], indent=1))

@@ -382,6 +382,14 @@ def test_imported_model_continued_pretraining_and_lora_sft(tmp_path):
                                 "finetune.batch_size=4", "finetune.lora_rank=8"])
     ev2 = ft(cfg2, paths, inputs=[str(chats)], eval_prompts=2, force=True)["eval"]
     assert ev2["lora"]["rank"] == 8 and ev2["after"]["chat_val_loss"] < ev2["before"]["chat_val_loss"] - 0.5
+    # Full SFT of the imported model: every weight may move (the embedding is tied to the head).
+    ev3 = ft(cfg2, paths, inputs=[str(chats)], eval_prompts=2, lora_rank=0, lr=0.003, force=True)["eval"]
+    assert ev3["lora"] is None and ev3["after"]["chat_val_loss"] < ev3["before"]["chat_val_loss"] - 0.5
+    base, _, _ = read_gguf(gg)
+    from chatforge.use import load_run_model
+    tuned = load_run_model(paths, "finetune", "best")[0]
+    moved = [n for n, p in tuned.named_parameters() if not torch.equal(p, base.state_dict()[n])]
+    assert "layers.0.mlp.down_proj.weight" in moved and "embed_tokens.weight" in moved, moved
 
 
 def test_eval_on_an_imported_run(tmp_path, capsys):

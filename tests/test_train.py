@@ -50,7 +50,7 @@ def test_loss_falls_below_unigram_entropy(tmp_path):
     h = unigram_entropy(tr)
     cfg = TrainConfig(steps=80, batch_size=16, lr=3e-3, warmup_steps=5, eval_every=40, log_every=10,
                       precision="fp32")  # MFU below is checked against the fp32 peak
-    res = train(tiny(), cfg, TokenLoader([tr], 16, 32, seed=0), tmp_path,
+    res = train(tiny(seq=64), cfg, TokenLoader([tr], 16, 32, seed=0), tmp_path,  # context 64, trained at 32
                 val_batches=lambda: iter_eval_batches([va], 16, 32, max_batches=4), meta={"stage": "pretrain"})
     assert res["step"] == 80 and res["skipped_steps"] == 0
     assert res["final_val_loss"] < h - 0.2, (res, h)
@@ -60,7 +60,8 @@ def test_loss_falls_below_unigram_entropy(tmp_path):
     assert set(train_recs[0]) == {"kind", "step", "loss", "lr", "tokens", "tok_per_s", "mfu", "time"}
     assert train_recs[-1]["tokens"] == 80 * 16 * 32
     from chatforge.train import cpu_peak_flops
-    flops = tiny().flops_per_token()  # MFU = model FLOPs per token x tokens/s / the machine's measured peak
+    flops = tiny(seq=64).flops_per_token(32)  # MFU = model FLOPs per token (attention over the 32 trained on)
+    # x tokens/s / the machine's measured peak
     assert all(r["mfu"] == pytest.approx(flops * r["tok_per_s"] / max(cpu_peak_flops(), flops * r["tok_per_s"]),
                                          rel=1e-6) for r in train_recs)
     assert [r["step"] for r in recs if r["kind"] == "val"] == [40, 80]
@@ -368,6 +369,9 @@ def test_mfu_counts_four_flops_per_frozen_parameter():
     frozen = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
     adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert train_flops_per_token(lora) == full - 2 * frozen + 6 * adapters
+    # Attention is counted over the context trained on (fine-tuning at a shorter seq_len than the model's).
+    c = model.cfg
+    assert train_flops_per_token(model, 16) == full - 12 * c.n_layer * c.n_embd * (c.seq_len - 16)
 
 
 def test_loop_state_keeps_the_checkpoint_format():

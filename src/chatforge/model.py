@@ -277,11 +277,12 @@ class GPT(nn.Module):
             n -= self.embed_tokens.weight.numel()
         return n
 
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6 * matmul params + attention (12 * layers * width * context)."""
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6 * matmul params + attention (12 * layers * width * the context trained
+        on: seq_len, default the model's own; fine-tuning often trains at a shorter one)."""
         c = self.cfg
         n = self.num_params() - self.embed_tokens.weight.numel() * (0 if c.tie_embeddings else 1)
-        return 6 * n + 12 * c.n_layer * c.n_embd * c.seq_len
+        return 6 * n + 12 * c.n_layer * c.n_embd * (seq_len or c.seq_len)
 
 
 def _attention_mask(T: int, S: int, cols: torch.Tensor | None, key_ok: torch.Tensor | None,

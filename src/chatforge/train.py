@@ -43,13 +43,14 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "40
 MPS_PEAK_FLOPS = 10e12  # rough Apple-silicon estimate
 
 
-def train_flops_per_token(model: nn.Module) -> float:
+def train_flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:
     """Model FLOPs of one training token, for MFU: 6 per parameter of a trained matrix (forward, input and
-    weight gradients) but 4 per parameter of a frozen one (no weight gradient: LoRA's base), plus attention."""
+    weight gradients) but 4 per parameter of a frozen one (no weight gradient: LoRA's base), plus attention
+    over the seq_len trained on."""
     tied = getattr(getattr(model, "cfg", None), "tie_embeddings", True)
     frozen = sum(p.numel() for n, p in model.named_parameters()
                  if not p.requires_grad and p.dim() >= 2 and (tied or "embed_tokens" not in n))
-    return model.flops_per_token() - 2 * frozen
+    return model.flops_per_token(seq_len) - 2 * frozen
 
 
 def peak_flops(device: torch.device, precision: str = "fp32") -> float:
@@ -366,7 +367,7 @@ def _run(raw: nn.Module, wrapped: nn.Module, cfg: TrainConfig, train_loader, out
     accum = resolve_grad_accum(cfg, seq_len, dist.world)
     optimizer = build_optimizer(wrapped, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    flops_tok = train_flops_per_token(raw) if hasattr(raw, "flops_per_token") else 0.0
+    flops_tok = train_flops_per_token(raw, seq_len) if hasattr(raw, "flops_per_token") else 0.0
 
     st = LoopState()
     if resume_dir is not None:

@@ -77,6 +77,16 @@ def test_print_table_renders():
     assert "Eval" in text and "2.0000 ± 0.1000" in text
 
 
+def test_print_table_piped_is_not_squeezed(capsys):
+    """Piped or redirected (no terminal), the table keeps every cell whole instead of fitting 80 columns."""
+    row = {"model": "import/step_000000", "task": "hellaswag_val_sample1000_raw.jsonl",
+           "source": "../shared/data/hellaswag/hellaswag_val_sample1000_raw.jsonl",
+           **{f"metric_{i}": 0.25 + i for i in range(8)}}
+    print_table([row], title="eval")
+    out = capsys.readouterr().out
+    assert all(str(v) in out for v in row.values() if isinstance(v, str)) and "0.2500" in out and "7.2500" in out
+
+
 def test_write_report(tmp_path):
     run = tmp_path / "run"
     write_metrics(run / "pretrain" / "metrics.jsonl")

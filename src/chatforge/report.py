@@ -180,7 +180,11 @@ def print_table(rows: Sequence[dict], columns: Sequence[str] | None = None, titl
         table.add_column(c, justify="left" if c in ("model", "split", "task") else "right")
     for r in rows:
         table.add_row(*(format_cell(r, c) for c in cols))
-    (console or Console()).print(table)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or redirected: the whole table, not squeezed to 80 columns
+            console = Console(width=max(80, console.measure(table, options=console.options.update_width(10**5)).maximum))
+    console.print(table)
 
 
 # ---- the report ----------------------------------------------------------------------------------

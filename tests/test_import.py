@@ -191,6 +191,50 @@ def test_import_cli_then_export_loads_in_transformers(tmp_path):
     assert etok.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
 
 
+def test_sampling_settings_travel_with_the_model(tmp_path, capsys):
+    """An export writes the run's sampling (GGUF general.sampling.*, HF generation_config.json); importing
+    either file makes them the new run's generate settings. A file that states none keeps the defaults."""
+    import yaml
+    from gguf import GGUFReader
+
+    def generate_cfg(run):
+        return yaml.safe_load((run / "config.yaml").read_text())["generate"]
+
+    gg = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gg, "F32")  # no sampling keys
+    run = tmp_path / "run"
+    assert main(["import", str(gg), "--run-dir", str(run)]) == 0
+    default = generate_cfg(run)
+    assert (default["temperature"], default["top_k"], default["top_p"]) == (0.8, 50, 0.95)
+    want = {"temperature": 0.3, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.1}
+    sets = [f"generate.{k}={v}" for k, v in want.items()]
+    out = tmp_path / "s.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--out", str(out), *sets]) == 0
+    fields = GGUFReader(str(out)).fields
+    got = {k: fields[f"general.sampling.{k}"].contents() for k in ("temp", "top_k", "top_p", "penalty_repeat")}
+    assert got == pytest.approx({"temp": 0.3, "top_k": 20, "top_p": 0.9, "penalty_repeat": 1.1})
+    run2 = tmp_path / "run2"
+    capsys.readouterr()
+    assert main(["import", str(out), "--run-dir", str(run2)]) == 0
+    assert "generate.temperature=0.3" in capsys.readouterr().out
+    assert {k: generate_cfg(run2)[k] for k in want} == want
+    hf = tmp_path / "hf"
+    assert main(["export", str(run2), "--out", str(hf)]) == 0  # generation_config.json from run2's settings
+    run3 = tmp_path / "run3"
+    assert main(["import", str(hf), "--run-dir", str(run3)]) == 0
+    assert {k: generate_cfg(run3)[k] for k in want} == want
+    # transformers' reading of the file: do_sample false is greedy; without do_sample nothing is taken.
+    gen = json.loads((hf / "generation_config.json").read_text())
+    for do_sample, temperature in ((False, 0.0), (None, 0.8)):
+        g = {k: v for k, v in gen.items() if k != "do_sample"}
+        if do_sample is not None:
+            g["do_sample"] = do_sample
+        (hf / "generation_config.json").write_text(json.dumps(g))
+        r = tmp_path / f"run-{do_sample}"
+        assert main(["import", str(hf), "--run-dir", str(r)]) == 0
+        assert generate_cfg(r)["temperature"] == temperature
+
+
 def test_bad_gguf_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
     good = tmp_path / "tiny.gguf"
     write_tiny_gguf(good, "F32")

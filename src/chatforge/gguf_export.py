@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import GenerateConfig
 from .errors import UserError
 from .model import GPT
 from .chat_format import CHAT_TEMPLATE, SPECIAL_TOKENS
@@ -100,8 +101,10 @@ def _vocab(tok: Tokenizer, n_vocab: int) -> tuple[list[str], list[int], list[str
     return tokens, types, merges
 
 
-def export_gguf(model: GPT, tok: Tokenizer, out_path: Path, dtype: str = "f32", name: str = "chatforge") -> Path:
-    """Write model + tokenizer + chat template to one GGUF file at out_path and return it."""
+def export_gguf(model: GPT, tok: Tokenizer, out_path: Path, dtype: str = "f32", name: str = "chatforge",
+                generation: GenerateConfig | None = None) -> Path:
+    """Write model + tokenizer + chat template to one GGUF file at out_path and return it; `generation`'s
+    sampling goes to general.sampling.* (llama.cpp's defaults for the model; temperature 0 = greedy)."""
     import gguf
     from gguf import GGMLQuantizationType as Q
 
@@ -131,6 +134,11 @@ def export_gguf(model: GPT, tok: Tokenizer, out_path: Path, dtype: str = "f32", 
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     w.add_file_type(ftype)
+    if generation is not None:
+        w.add_sampling_temp(max(generation.temperature, 0.0))
+        w.add_sampling_top_k(generation.top_k)
+        w.add_sampling_top_p(generation.top_p)
+        w.add_sampling_penalty_repeat(generation.repetition_penalty)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     w.add_tokenizer_model("gpt2")

@@ -96,6 +96,35 @@ def _field(reader, key: str, default=None):
     return f.contents()
 
 
+# The model's recommended sampling: GGUF general.sampling.* keys -> GenerateConfig fields.
+GGUF_SAMPLING = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "penalty_repeat": "repetition_penalty"}
+
+
+def gguf_sampling(reader) -> dict:
+    """GenerateConfig fields from a GGUF file's general.sampling.* keys (stored as f32: 6 digits kept)."""
+    out = {}
+    for key, name in GGUF_SAMPLING.items():
+        v = _field(reader, f"general.sampling.{key}")
+        if isinstance(v, (int, float)):
+            out[name] = int(v) if name == "top_k" else float(f"{float(v):.6g}")
+    return out
+
+
+def hf_sampling(gen: dict) -> dict:
+    """GenerateConfig fields from a generation_config.json, as transformers would decode: do_sample false is
+    greedy (temperature 0); true takes its temperature/top_k/top_p (transformers' defaults 1.0/50/1.0) and
+    repetition_penalty. Without do_sample nothing is taken (the file may only list token ids)."""
+    if gen.get("do_sample") is False:
+        return {"temperature": 0.0}
+    if gen.get("do_sample") is not True:
+        return {}
+    out = {"temperature": float(gen.get("temperature", 1.0)), "top_k": int(gen.get("top_k", 50) or 0),
+           "top_p": float(gen.get("top_p", 1.0))}
+    if "repetition_penalty" in gen:
+        out["repetition_penalty"] = float(gen["repetition_penalty"])
+    return out
+
+
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF's two halves)."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
@@ -215,7 +244,8 @@ def read_gguf(path: Path, context: int | None = None) -> tuple[GPT, Tokenizer, d
     model = build(cfg, state, path)
     info = {"source": str(path), "format": "gguf", "architecture": arch, "name": _field(reader, "general.name"),
             "license": _field(reader, "general.license"), "tensor_types": types,
-            "native_context": native_context, "pre_tokenizer": _field(reader, "tokenizer.ggml.pre")}
+            "native_context": native_context, "pre_tokenizer": _field(reader, "tokenizer.ggml.pre"),
+            "sampling": gguf_sampling(reader)}
     return model, tok, info
 
 
@@ -255,14 +285,18 @@ def read_hf(folder: Path, context: int | None = None) -> tuple[GPT, Tokenizer, d
         raise UserError(f"{folder}: no tokenizer.json; import needs the model's tokenizer")
     model, cfg = import_hf(folder)
     text = tj.read_text(encoding="utf-8")
+    gen_path = folder / "generation_config.json"
+    try:
+        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        sampling = hf_sampling(gen)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{gen_path}: not a readable generation config ({e})") from None
     try:
         tok = Tokenizer.load(folder)  # chatforge's own format (an export of a chatforge run)
     except UserError:
         hf = HFTokenizer.from_str(text)
         tcfg_path = folder / "tokenizer_config.json"
         tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.is_file() else {}
-        gen_path = folder / "generation_config.json"
-        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
 
         def tid(v):
             if isinstance(v, dict):
@@ -294,7 +328,7 @@ def read_hf(folder: Path, context: int | None = None) -> tuple[GPT, Tokenizer, d
         model = _with_context(model, context)
     elif cfg.seq_len > DEFAULT_CONTEXT:
         model = _with_context(model, DEFAULT_CONTEXT)
-    return model, tok, {"source": str(folder), "format": "hf", "native_context": cfg.seq_len}
+    return model, tok, {"source": str(folder), "format": "hf", "native_context": cfg.seq_len, "sampling": sampling}
 
 
 def _with_context(model: GPT, context: int) -> GPT:

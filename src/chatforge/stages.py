@@ -184,6 +184,8 @@ def import_model(cfg: Config, paths: RunPaths, source: str, context: int = 0, fo
     paths.guard(paths.tokenizer, force, "a tokenizer")
     paths.guard(paths.imported, force, "an imported model")
     cfg.model = model.cfg
+    for key, value in info.get("sampling", {}).items():  # the model's own recommended decoding, if it states one
+        setattr(cfg.generate, key, value)
     paths.save_config(cfg, "import")
     tok.save(paths.tokenizer)
     meta = {"stage": "import", "model": asdict(model.cfg), "tokenizer_hash": tok.hash, "source": info}
@@ -195,4 +197,6 @@ def import_model(cfg: Config, paths: RunPaths, source: str, context: int = 0, fo
           f"vocabulary {c.vocab_size}, context {c.seq_len} (the model's own: {info.get('native_context')})\n"
           f"  chat: {'its own template' if tok.chat_template else 'no template'}, replies end at "
           f"{tok.id_to_token(tok.end_id)!r}; next: chatforge chat {paths.root}")
+    if info.get("sampling"):
+        print("  sampling: the model's own, " + ", ".join(f"generate.{k}={v}" for k, v in info["sampling"].items()))
     return info

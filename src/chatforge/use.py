@@ -217,7 +217,7 @@ def export(cfg: Config, paths: RunPaths, out: str | None, stage="auto", which="b
         check_tokenizer(tok)  # before the guard, so --force never deletes an export it cannot replace
         out_file = Path(out) if out else out_root / "export" / f"{cfg.name}-{gguf_type}.gguf"
         RunPaths.guard(out_file, force, "an export")
-        export_gguf(model, tok, out_file, dtype=gguf_type, name=cfg.name)
+        export_gguf(model, tok, out_file, dtype=gguf_type, name=cfg.name, generation=cfg.generate)
         RunPaths(out_root).save_config(cfg, "export", run_config=False)
         print(f"export: {ckpt} -> {out_file} (run with llama.cpp: llama-cli -m {out_file} --jinja -cnv)")
         return out_file

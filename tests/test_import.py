@@ -168,6 +168,46 @@ def test_gguf_tokenizer_chat_and_greedy_match_transformers(tmp_path):
     assert ours == ref
 
 
+def save_as_transformers_folder(gguf_path, out):
+    """The folder a transformers user has: the GGUF's model and tokenizer, written by save_pretrained."""
+    hf, htok = hf_from_gguf(gguf_path)
+    hcfg = hf.config
+    if hasattr(hcfg, "quantization_config"):
+        delattr(hcfg, "quantization_config")  # loaded from GGUF it is marked as such; the weights are fp32
+    plain = type(hf)(hcfg)
+    plain.load_state_dict(hf.state_dict())
+    plain.save_pretrained(out)
+    htok.save_pretrained(out)
+    return plain.eval(), htok
+
+
+def test_import_a_transformers_folder_with_its_own_tokenizer(tmp_path):
+    """A Hugging Face folder saved by transformers (not a chatforge export): its tokenizer.json, chat template
+    and end-of-turn token; the same model as the GGUF import, token for token and logit for logit."""
+    gg = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gg, "F32")
+    hf, htok = save_as_transformers_folder(gg, tmp_path / "hf")
+    run = tmp_path / "run"
+    assert main(["import", str(tmp_path / "hf"), "--run-dir", str(run)]) == 0
+    from chatforge.tokenizer import Tokenizer
+    from chatforge.use import load_run_model
+    tok = Tokenizer.load(run / "tokenizer")
+    from chatforge.paths import RunPaths
+    model = load_run_model(RunPaths(run), "import", "best")[0]
+    ref_model, ref_tok, _ = read_gguf(gg)
+    for s in HARD:
+        assert tok.encode(s) == ref_tok.encode(s) == htok(s, add_special_tokens=False).input_ids, s
+    chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! 12 apples."}]
+    ids, mask = tok.render_chat(chat)
+    assert (ids, mask) == ref_tok.render_chat(chat)
+    assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special=False) == "Hello! 12 apples.<|im_end|>"
+    assert tok.end_id == htok.convert_tokens_to_ids("<|im_end|>") and tok.add_bos is False
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() < 1e-4
+        assert torch.equal(model(x), ref_model(x))
+
+
 def test_import_cli_then_export_loads_in_transformers(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, "Q8_0")
@@ -290,6 +330,22 @@ def test_smollm2_matches_transformers(smollm2, tmp_path):
                       pad_token_id=tok.pad_id)[0, x.shape[1]:].tolist()
     assert ours == ref
     assert tok.decode(ours).startswith("The capital of France is Paris.")
+
+
+@pytest.mark.slow
+def test_smollm2_as_a_transformers_folder_imports_the_same(smollm2, tmp_path):
+    """SmolLM2 saved by transformers (model + its own tokenizer files) imports as the same model as its GGUF."""
+    path, model, tok, _, _ = smollm2
+    save_as_transformers_folder(path, tmp_path / "hf")
+    from chatforge.hub import load_source
+    model2, tok2, _ = load_source(str(tmp_path / "hf"))
+    chat = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}]
+    assert tok2.render_chat(chat) == tok.render_chat(chat) and tok2.end_id == tok.end_id
+    for s in HARD:
+        assert tok2.encode(s) == tok.encode(s), s
+    x = torch.tensor([tok.render_chat(chat)[0]])
+    with torch.no_grad():
+        assert torch.equal(model2(x), model(x))
 
 
 @pytest.mark.parametrize("qk_norm,outtype", [(False, "f32"), (True, "f32"), (False, "q8_0")])

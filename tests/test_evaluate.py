@@ -64,6 +64,23 @@ def test_matches_plain_pytorch():
     assert model.training  # restored
 
 
+def test_big_batches_are_scored_a_few_rows_at_a_time_with_the_same_numbers(monkeypatch):
+    """A batch whose fp32 logits exceed evaluate.LOGITS_BYTES is scored in row chunks: every number equal."""
+    import chatforge.evaluate as ev
+    vocab = 50
+    model = tiny_gpt(vocab)
+    batches = random_batches(vocab, B=5)
+    whole = evaluate_lm(model, batches, token_bytes=np.ones(vocab))
+    calls = []
+    real = ev.forward_at_targets
+    monkeypatch.setattr(ev, "forward_at_targets", lambda m, b: calls.append(b["x"].shape[0]) or real(m, b))
+    monkeypatch.setattr(ev, "LOGITS_BYTES", 2 * 16 * vocab * 4)  # two rows of (16, 50) fp32 logits
+    parts = evaluate_lm(model, batches, token_bytes=np.ones(vocab))
+    assert calls == [2, 2, 1] * 3
+    for k in whole:
+        assert parts[k] == pytest.approx(whole[k], rel=1e-6, nan_ok=True), k
+
+
 def test_standard_error_equal_rows_is_se_of_row_means():
     vocab = 40
     model = tiny_gpt(vocab)

@@ -104,9 +104,28 @@ EXAMPLES = [([0, 11, 12, 13, 14], [0, 0, 1, 1, 1]), ([0, 21, 22], [0, 1, 1]),
 
 def test_sft_targets_are_masked_next_tokens():
     b = next(iter_sft_eval_batches(EXAMPLES, 4, 8, pad_id=99))
-    assert b["x"][0].tolist() == [0, 11, 12, 13, 99, 99, 99, 99]
-    assert b["y"][0].tolist() == [IGNORE, 12, 13, 14] + [IGNORE] * 4
+    assert b["x"].shape == (4, 6)  # padded to the batch's longest row (7 tokens -> 6 inputs), not to seq_len 8
+    assert b["x"][0].tolist() == [0, 11, 12, 13, 99, 99]
+    assert b["y"][0].tolist() == [IGNORE, 12, 13, 14] + [IGNORE] * 2
     assert b["y"][3].tolist()[:3] == [41, IGNORE, 43]
+
+
+def test_sft_eval_padding_to_the_longest_row_scores_the_same():
+    """Right padding after causal attention changes no score: padded to seq_len or to the batch's longest,
+    the loss and accuracy are the same."""
+    from chatforge.config import ModelConfig
+    from chatforge.data.loader import collate_rows, _sft_pair
+    from chatforge.evaluate import evaluate_lm
+    from chatforge.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_kv_head=2, n_embd=32, seq_len=64, vocab_size=100)).eval()
+    short = evaluate_lm(model, iter_sft_eval_batches(EXAMPLES, 2, 64, pad_id=99))
+    pairs = [_sft_pair(ids, m, 64) for ids, m in EXAMPLES]
+    full = evaluate_lm(model, [collate_rows([[p] for p in pairs[i:i + 2]], 64, 99, with_docs=False)
+                               for i in range(0, len(pairs), 2)])
+    assert short["tokens"] == full["tokens"] == sum(sum(m[1:]) for _, m in EXAMPLES)
+    assert short["loss"] == pytest.approx(full["loss"], abs=1e-5) and (short["acc"], short["top5"]) == (full["acc"], full["top5"])
 
 
 def test_sft_eval_batches_limited_are_spread_over_the_file():

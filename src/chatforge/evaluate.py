@@ -53,6 +53,11 @@ def forward_at_targets(model: nn.Module, batch: dict) -> tuple[torch.Tensor, tor
     return model(batch["x"], **kwargs), keep, n
 
 
+# Scored rows at a time: at most this many bytes of fp32 logits (a 16 x 2,048 batch of a 49k vocabulary would be
+# 6.4 GB at once; then page faults, not arithmetic, set the pace).
+LOGITS_BYTES = 512 * 2**20
+
+
 class _Accumulator:
     """Per-row sums of NLL, tokens, target bytes and (with accuracy) top-1 and top-5 hits."""
 
@@ -138,8 +143,8 @@ def _as_tensor_bytes(token_bytes) -> torch.Tensor | None:
 
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, batches: Iterable[dict], *, device: str | torch.device | None = None,
-                token_bytes: np.ndarray | None = None, accuracy: bool = True, progress: bool = False,
-                precision: str = "fp32") -> dict:
+                token_bytes: np.ndarray | None = None, accuracy: bool = True, progress: bool | str = False,
+                precision: str = "fp32", total: int | None = None) -> dict:
     """Score next-token prediction on batches of dict(x=(B,T) ids, y=(B,T) targets, -100 = ignored): the one
     evaluation of the package, for training's periodic validation and for the eval stage.
 
@@ -164,10 +169,17 @@ def evaluate_lm(model: nn.Module, batches: Iterable[dict], *, device: str | torc
     acc = _Accumulator(accuracy, _as_tensor_bytes(token_bytes))
     try:
         with autocast_ctx(device, precision):
-            for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
+            desc = progress if isinstance(progress, str) else "eval"  # progress: a bar (a str names it); total: batches
+            vocab = getattr(getattr(model, "cfg", None), "vocab_size", 0)
+            for batch in tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                logits, keep, _ = forward_at_targets(model, batch)
-                acc.add(logits, keep, batch["y"])
+                B, T = batch["y"].shape
+                step = max(1, LOGITS_BYTES // max(T * vocab * 4, 1))  # rows whose fp32 logits fit the budget
+                for i in range(0, B, step):  # per-row sums: splitting rows changes no number
+                    part = {k: v[i:i + step] if isinstance(v, torch.Tensor) and v.shape[:1] == (B,) else v
+                            for k, v in batch.items()}
+                    logits, keep, _ = forward_at_targets(model, part)
+                    acc.add(logits, keep, part["y"])
     finally:
         model.train(was_training)
     return acc.result()

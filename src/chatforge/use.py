@@ -59,7 +59,7 @@ def engine(cfg: Config, paths: RunPaths, stage: str, which: str):
 
 # ---------------------------------------------------------------- eval
 
-def evaluate_splits(model, tok, paths: RunPaths, cfg: Config) -> dict:
+def evaluate_splits(model, tok, paths: RunPaths, cfg: Config, progress: bool = False) -> dict:
     """Metrics on both validation sets: pretraining text and the chat fine-tuning set."""
     import numpy as np
 
@@ -80,14 +80,22 @@ def evaluate_splits(model, tok, paths: RunPaths, cfg: Config) -> dict:
                         f"--task NAME, or build one with `chatforge prepare` and `chatforge encode`")
     if (paths.tokens / "val").is_dir() or not sft_val.exists():
         val = token_arrays(paths.tokens / "val", tok)
-        out["text val"] = evaluate_lm(model, iter_eval_batches(val, cfg.eval.batch_size, seq_len,
-                                                               max_batches=cfg.eval.max_batches),
-                                      token_bytes=token_bytes, device=device, precision=precision)
+        bs, cap = cfg.eval.batch_size, cfg.eval.max_batches
+        windows = sum(-(-(len(a) - seq_len) // seq_len) for a in val if len(a) > seq_len)
+        out["text val"] = evaluate_lm(model, iter_eval_batches(val, bs, seq_len, max_batches=cap),
+                                      token_bytes=token_bytes, device=device, precision=precision,
+                                      progress=progress and "eval text val", total=_batches(windows, bs, cap))
     if sft_val.exists():
         ex, _ = sft_examples(tok, sft_val, seq_len)
         out["chat val"] = evaluate_lm(model, iter_sft_eval_batches(ex, cfg.eval.batch_size, seq_len, pad_id=tok.pad_id),
-                                      token_bytes=token_bytes, device=device, precision=precision)
+                                      token_bytes=token_bytes, device=device, precision=precision,
+                                      progress=progress and "eval chat val", total=_batches(len(ex), cfg.eval.batch_size))
     return out
+
+
+def _batches(rows: int, batch_size: int, cap: int = 0) -> int:
+    n = -(-rows // max(batch_size, 1))
+    return min(n, cap) if cap else n
 
 
 def metric_rows(label: str, results: dict) -> list[dict]:
@@ -112,7 +120,7 @@ def run_eval(cfg: Config, paths: RunPaths, stage: str = "auto", which: str = "be
             device = pick_device(cfg.generate.device)
             rows += metric_rows(label, {Path(file).name: _eval_file(model.to(device), tok, file, stride, device)})
         elif not tasks:
-            rows += metric_rows(label, evaluate_splits(model, tok, paths, cfg))
+            rows += metric_rows(label, evaluate_splits(model, tok, paths, cfg, progress=True))
         if tasks:
             rows += _task_rows(model, tok, tasks, schema, max_items, label)
     cols = METRIC_COLUMNS if not tasks else sorted({k for r in rows for k in r},

@@ -279,8 +279,10 @@ def iter_eval_batches(arrays: Sequence[np.ndarray], batch_size: int, seq_len: in
 
 def iter_sft_eval_batches(examples: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int,
                           seq_len: int, pad_id: int, max_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """One example per row, padded, in order; targets masked like training. With max_batches, the examples are
-    spread evenly over the list (a prepared file lists its sources one after another)."""
+    """One example per row, in order, padded to the batch's longest (not seq_len: a short chat scored in a 2,048
+    context would pay for 2,048 positions; right padding after causal attention changes no score); targets
+    masked like training. With max_batches, the examples are spread evenly over the list (a prepared file lists
+    its sources one after another)."""
     pairs = [_sft_pair(ids, m, seq_len) for ids, m in examples]
     pairs = [p for p in pairs if p[0]]
     if max_batches and len(pairs) > max_batches * batch_size:
@@ -289,7 +291,8 @@ def iter_sft_eval_batches(examples: Sequence[tuple[Sequence[int], Sequence[int]]
     for k, i in enumerate(range(0, len(pairs), batch_size)):
         if max_batches and k >= max_batches:
             return
-        yield collate_rows([[p] for p in pairs[i:i + batch_size]], seq_len, pad_id, with_docs=False)
+        rows = pairs[i:i + batch_size]
+        yield collate_rows([[p] for p in rows], max(len(p[0]) for p in rows), pad_id, with_docs=False)
 
 
 eval_batches = iter_eval_batches  # short alias

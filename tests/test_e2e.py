@@ -147,6 +147,8 @@ def test_eval_cli_on_a_file_and_a_benchmark(tiny_run, tmp_path):
     assert _cli("report", tiny_run).returncode == 0
     report = (tiny_run / "report.md").read_text()
     assert "## Benchmarks" in report and "## Answers to held-out questions" in report
+    frow = json.loads((tiny_run / "eval" / "pretrain_best_file.json").read_text())[0]  # `eval --file`'s row too
+    assert f"| {frow['model']} | {frow['split']} | {frow['loss']:.4f}" in report
     # bad input: one line, exit 2
     for args, needle in [(("--file", tmp_path / "missing.txt"), "missing.txt"),
                          (("--checkpoint", "step_9999"), "step_9999"),

@@ -87,6 +87,22 @@ def test_print_table_piped_is_not_squeezed(capsys):
     assert all(str(v) in out for v in row.values() if isinstance(v, str)) and "0.2500" in out and "7.2500" in out
 
 
+def test_report_notes_say_only_what_was_measured(tmp_path):
+    """finetune.eval_sampled=false leaves the sampled end-of-turn share unmeasured: the note must not say 0%."""
+    from chatforge.config import load_config
+    from chatforge.demo import report
+    from chatforge.paths import RunPaths
+    paths = RunPaths(tmp_path / "run")
+    paths.finetune.mkdir(parents=True)
+    side = {"prompts": 40, "end_of_turn_share": None}
+    (paths.finetune / "finetune_eval.json").write_text(json.dumps(
+        {"mode": "sft", "lora": {"rank": 16}, "max_new_tokens": 64, "before": {**side, "end_of_turn_share_greedy": 0.0},
+         "after": {**side, "end_of_turn_share_greedy": 1.0}}))
+    md = report(load_config("tiny", []), paths).read_text()
+    note = next(line for line in md.splitlines() if "end-of-turn" in line)
+    assert note.endswith("greedy: 0% before, 100% after") and "sampled" not in note, note
+
+
 def test_write_report(tmp_path):
     run = tmp_path / "run"
     write_metrics(run / "pretrain" / "metrics.jsonl")

@@ -30,7 +30,13 @@ def report(cfg: Config, paths: RunPaths, evals: list[dict] | None = None, answer
         p = paths.root / "eval" / name
         return json.loads(p.read_text()) if p.is_file() else default
 
-    evals = saved("demo.json", []) if evals is None else evals
+    if evals is None:  # the demo's table, then what `chatforge eval` wrote (validation splits, --file)
+        evals = saved("demo.json", [])
+        for f in sorted((paths.root / "eval").glob("*.json")) if (paths.root / "eval").exists() else []:
+            if f.name not in ("demo.json", "answers.json", "comparison.json"):
+                rows = json.loads(f.read_text())
+                evals += [r for r in rows if isinstance(rows, list) and isinstance(r, dict)
+                          and "split" in r and "task" not in r]
     answers = saved("answers.json", []) if answers is None else answers
     comparison = saved("comparison.json", None) if comparison is None else comparison
     notes = []
@@ -38,11 +44,19 @@ def report(cfg: Config, paths: RunPaths, evals: list[dict] | None = None, answer
     if fe.exists():
         e = json.loads(fe.read_text())
         b, a = e.get("before", {}), e.get("after", {})
-        notes.append(f"fine-tuning ({e.get('mode')}{', LoRA' if e.get('lora') else ''}): replies to "
-                     f"{a.get('prompts')} held-out prompts that end with end-of-turn within {e.get('max_new_tokens')} "
-                     f"tokens: {b.get('end_of_turn_share') or 0:.0%} before, {a.get('end_of_turn_share') or 0:.0%} "
-                     f"after (sampled with the generate settings; greedy: {b.get('end_of_turn_share_greedy') or 0:.0%} "
-                     f"before, {a.get('end_of_turn_share_greedy') or 0:.0%} after)")
+
+        def share(key: str) -> str | None:  # None: not measured (e.g. finetune.eval_sampled=false)
+            if b.get(key) is None or a.get(key) is None:
+                return None
+            return f"{b[key]:.0%} before, {a[key]:.0%} after"
+
+        greedy, sampled = share("end_of_turn_share_greedy"), share("end_of_turn_share")
+        if greedy or sampled:
+            notes.append(f"fine-tuning ({e.get('mode')}{', LoRA' if e.get('lora') else ''}): replies to "
+                         f"{a.get('prompts')} held-out prompts that end with end-of-turn within "
+                         f"{e.get('max_new_tokens')} tokens: "
+                         + "; ".join(f"{how}: {v}" for how, v in (("greedy", greedy),
+                                                                  ("sampled with the generate settings", sampled)) if v))
     samples = []
     for stage, mpath in curves.items():  # the fixed-prompt samples of each stage's last evaluation
         recs = [json.loads(l) for l in mpath.read_text().splitlines() if '"sample"' in l]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from chatforge.config import ModelConfig
-from chatforge.data.loader import (IGNORE, SFTLoader, TokenLoader, iter_eval_batches, iter_sft_eval_batches)
+from chatforge.data.loader import (IGNORE, SFTLoader, TokenLoader, iter_eval_batches, iter_sft_eval_batches,
+                                   n_eval_batches)
 from chatforge.model import GPT
 
 
@@ -100,6 +101,12 @@ def test_from_dir_memory_maps_shards(tmp_path):
 
 EXAMPLES = [([0, 11, 12, 13, 14], [0, 0, 1, 1, 1]), ([0, 21, 22], [0, 1, 1]),
             ([0, 31, 32, 33, 34, 35, 36], [0, 0, 0, 1, 1, 1, 1]), ([0, 41, 42, 43], [0, 1, 0, 1])]
+
+
+@pytest.mark.parametrize("lens,bs,cap", [([100], 4, 0), ([100, 33, 8, 65], 3, 0), ([100, 33, 65], 2, 3), ([5], 2, 0)])
+def test_eval_batch_count_is_what_the_iterator_yields(lens, bs, cap):
+    arrays = [np.arange(n) for n in lens]
+    assert n_eval_batches(arrays, bs, 16, cap) == len(list(iter_eval_batches(arrays, bs, 16, max_batches=cap)))
 
 
 def test_sft_targets_are_masked_next_tokens():

@@ -30,13 +30,13 @@ def report(cfg: Config, paths: RunPaths, evals: list[dict] | None = None, answer
         p = paths.root / "eval" / name
         return json.loads(p.read_text()) if p.is_file() else default
 
-    if evals is None:  # the demo's table, then what `chatforge eval` wrote (validation splits, --file)
-        evals = saved("demo.json", [])
-        for f in sorted((paths.root / "eval").glob("*.json")) if (paths.root / "eval").exists() else []:
-            if f.name not in ("demo.json", "answers.json", "comparison.json"):
-                rows = json.loads(f.read_text())
-                evals += [r for r in rows if isinstance(rows, list) and isinstance(r, dict)
-                          and "split" in r and "task" not in r]
+    written = []  # every row `chatforge eval` wrote for this run: validation splits, --file, --task benchmarks
+    for f in sorted((paths.root / "eval").glob("*.json")) if (paths.root / "eval").exists() else []:
+        if f.name not in ("demo.json", "answers.json", "comparison.json"):
+            rows = json.loads(f.read_text())
+            written += [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+    if evals is None:  # the demo's table, then the validation rows of `chatforge eval`
+        evals = saved("demo.json", []) + [r for r in written if "split" in r and "task" not in r]
     answers = saved("answers.json", []) if answers is None else answers
     comparison = saved("comparison.json", None) if comparison is None else comparison
     notes = []
@@ -63,11 +63,7 @@ def report(cfg: Config, paths: RunPaths, evals: list[dict] | None = None, answer
         last = max((r["step"] for r in recs), default=None)
         samples += [{**r, "prompt": f"{stage} step {r['step']}: {r['prompt']}"} for r in recs if r["step"] == last]
     tok_stats = paths.tokenizer / "stats.json"
-    benchmarks = []  # every benchmark row any `chatforge eval --task` wrote for this run
-    for f in sorted((paths.root / "eval").glob("*.json")) if (paths.root / "eval").exists() else []:
-        rows = json.loads(f.read_text())
-        benchmarks += [{k: v for k, v in r.items() if k not in ("predictions", "samples")}
-                       for r in rows if isinstance(r, dict) and "task" in r]
+    benchmarks = [{k: v for k, v in r.items() if k not in ("predictions", "samples")} for r in written if "task" in r]
     sections = {"comparison": comparison, "config": cfg.to_dict(), "evals": evals, "benchmarks": benchmarks,
                 "answers": answers or [], "notes": notes, "plots": ["loss.png"] if curves else [],
                 "samples": [{k: v for k, v in x.items() if k != "step"} for x in samples],

@@ -63,7 +63,7 @@ def evaluate_splits(model, tok, paths: RunPaths, cfg: Config, progress: bool = F
     """Metrics on both validation sets: pretraining text and the chat fine-tuning set."""
     import numpy as np
 
-    from .data.loader import iter_eval_batches, iter_sft_eval_batches
+    from .data.loader import iter_eval_batches, iter_sft_eval_batches, n_eval_batches
     from .data.shards import token_arrays
     from .evaluate import evaluate_lm
     from .finetune import sft_examples
@@ -81,21 +81,15 @@ def evaluate_splits(model, tok, paths: RunPaths, cfg: Config, progress: bool = F
     if (paths.tokens / "val").is_dir() or not sft_val.exists():
         val = token_arrays(paths.tokens / "val", tok)
         bs, cap = cfg.eval.batch_size, cfg.eval.max_batches
-        windows = sum(-(-(len(a) - seq_len) // seq_len) for a in val if len(a) > seq_len)
         out["text val"] = evaluate_lm(model, iter_eval_batches(val, bs, seq_len, max_batches=cap),
                                       token_bytes=token_bytes, device=device, precision=precision,
-                                      progress=progress and "eval text val", total=_batches(windows, bs, cap))
+                                      progress=progress and "eval text val", total=n_eval_batches(val, bs, seq_len, cap))
     if sft_val.exists():
         ex, _ = sft_examples(tok, sft_val, seq_len)
         out["chat val"] = evaluate_lm(model, iter_sft_eval_batches(ex, cfg.eval.batch_size, seq_len, pad_id=tok.pad_id),
                                       token_bytes=token_bytes, device=device, precision=precision,
-                                      progress=progress and "eval chat val", total=_batches(len(ex), cfg.eval.batch_size))
+                                      progress=progress and "eval chat val", total=-(-len(ex) // cfg.eval.batch_size))
     return out
-
-
-def _batches(rows: int, batch_size: int, cap: int = 0) -> int:
-    n = -(-rows // max(batch_size, 1))
-    return min(n, cap) if cap else n
 
 
 def metric_rows(label: str, results: dict) -> list[dict]:

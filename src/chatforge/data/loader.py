@@ -277,6 +277,13 @@ def iter_eval_batches(arrays: Sequence[np.ndarray], batch_size: int, seq_len: in
         yield {"x": buf[:, :-1].contiguous(), "y": buf[:, 1:].contiguous()}
 
 
+def n_eval_batches(arrays: Sequence[np.ndarray], batch_size: int, seq_len: int, max_batches: int = 0) -> int:
+    """How many batches iter_eval_batches yields (for a progress bar's total)."""
+    windows = sum(-(-(len(a) - seq_len) // seq_len) for a in arrays if len(a) > seq_len)
+    n = -(-windows // batch_size)
+    return min(n, max_batches) if max_batches else n
+
+
 def iter_sft_eval_batches(examples: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int,
                           seq_len: int, pad_id: int, max_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """One example per row, in order, padded to the batch's longest (not seq_len: a short chat scored in a 2,048

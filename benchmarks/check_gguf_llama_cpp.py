@@ -94,4 +94,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from chatforge.errors import UserError
+    try:
+        sys.exit(main())
+    except UserError as e:  # a missing or unfinished run: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
